@@ -1,0 +1,53 @@
+"""optax_sam: sharpness-aware minimization as Optax gradient transformations.
+
+Every method is a factory whose first argument is the base optimizer and which
+returns an ``optax.GradientTransformationExtraArgs``. Two call paths:
+
+* C1 (drop-in): ``tx.update(grads, state, params, grad_fn=grad_fn)``;
+* C2 (loss-driven): ``step = optax_sam.make_update(tx, loss_fn)``, where the
+  library runs each gradient pass itself and restricted passes cost less.
+"""
+
+from optax_sam._src.asam import asam
+from optax_sam._src.groups import LayerGroups
+from optax_sam._src.groups import layer_groups
+from optax_sam._src.groups import mask_fraction
+from optax_sam._src.groups import mask_from_names
+from optax_sam._src.groups import natural_order
+from optax_sam._src.perturb import asam_perturbation
+from optax_sam._src.perturb import normalize
+from optax_sam._src.perturb import safe_norm
+from optax_sam._src.perturb import sam_perturbation
+from optax_sam._src.perturb import scale_by_parameter_magnitude
+from optax_sam._src.perturb import scale_by_rho
+from optax_sam._src.sam import PlainState
+from optax_sam._src.sam import SharpnessAwareState
+from optax_sam._src.sam import plain
+from optax_sam._src.sam import sam
+from optax_sam._src.sam import sharpness_aware
+from optax_sam._src.step import GradientOracle
+from optax_sam._src.step import make_update
+
+__version__ = "0.1.0"
+
+__all__ = (
+    "GradientOracle",
+    "LayerGroups",
+    "PlainState",
+    "SharpnessAwareState",
+    "asam",
+    "asam_perturbation",
+    "layer_groups",
+    "make_update",
+    "mask_fraction",
+    "mask_from_names",
+    "natural_order",
+    "normalize",
+    "plain",
+    "safe_norm",
+    "sam",
+    "sam_perturbation",
+    "scale_by_parameter_magnitude",
+    "scale_by_rho",
+    "sharpness_aware",
+)

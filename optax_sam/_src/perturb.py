@@ -1,0 +1,257 @@
+"""Perturbation (ascent) transforms: gradient -> perturbation ``eps``.
+
+Each function here returns an ordinary ``optax.GradientTransformation`` that
+maps a gradient ``g`` (at parameters ``w``) to the perturbation ``eps`` that a
+sharpness-aware method adds to ``w`` before its second gradient pass:
+
+* :func:`normalize`: ``g / ||g||``, globally or per layer group, safe for zero,
+  tiny and huge gradients (the norm is computed in float32 after scaling by
+  the largest magnitude, so it neither underflows nor overflows).
+* :func:`scale_by_rho`: multiply by ``rho`` (a constant or a schedule).
+* :func:`scale_by_parameter_magnitude`: ASAM's elementwise ``T_w = |w| + eta``.
+* :func:`sam_perturbation`: ``rho * g / ||g||`` (Foret et al., 2021).
+* :func:`asam_perturbation`: ``rho * T_w^2 g / ||T_w g||`` (Kwon et al., 2021).
+
+A perturbation restricted to a subset of layers is the same transform run on a
+gradient whose unselected leaves are zero (they then contribute nothing to any
+norm); the two-pass engine keeps the unselected parameters untouched so the
+compiled program does no work for them (see ``step.py``).
+
+References:
+  Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
+  Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
+
+  Kwon et al., `ASAM: Adaptive Sharpness-Aware Minimization for
+  Scale-Invariant Learning of Deep Neural Networks
+  <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_sam._src import groups as groups_lib
+
+PyTree = Any
+ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+
+
+def _is_concrete_number(x: Any) -> bool:
+  return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_rho(rho: ScalarOrSchedule, name: str = "rho") -> None:
+  """Raises ``ValueError`` for a concrete ``rho <= 0`` (or NaN)."""
+  if callable(rho):
+    return
+  try:
+    value = float(rho)  # Python numbers and concrete arrays.
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return  # A traced value (e.g. from optax.inject_hyperparams).
+  if not value > 0:
+    raise ValueError(
+        f"{name} must be > 0, got {value}. (A radius of 0 is the base "
+        "optimizer at twice the cost: use the base optimizer instead.)")
+
+
+def safe_norm(tree: PyTree) -> jax.Array:
+  """L2 norm over all leaves of ``tree`` in float32, robust to tiny values.
+
+  Computes ``m * sqrt(sum((x / m)^2))`` with ``m = max |x|`` so that neither
+  very small (bf16/fp16 or 1e-30) nor very large gradients under- or
+  overflow. Returns exactly 0 for an all-zero tree.
+  """
+  leaves = [jnp.asarray(x, jnp.float32) for x in jax.tree.leaves(tree)]
+  if not leaves:
+    return jnp.zeros((), jnp.float32)
+  m = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) if x.size else 0.0
+                         for x in leaves]))
+  inv_m = jnp.where(m > 0, 1.0 / jnp.where(m > 0, m, 1.0), 0.0)
+  sq = sum(jnp.sum(jnp.square(x * inv_m)) for x in leaves)
+  return m * jnp.sqrt(sq)
+
+
+def safe_inverse(norm: jax.Array) -> jax.Array:
+  """``1 / norm``, and 0 where ``norm`` is 0 or not finite."""
+  ok = jnp.logical_and(norm > 0, jnp.isfinite(norm))
+  return jnp.where(ok, 1.0 / jnp.where(ok, norm, 1.0), 0.0)
+
+
+def _scale_leaves(tree: PyTree, factor: jax.Array) -> PyTree:
+  return jax.tree.map(
+      lambda x: (jnp.asarray(x, jnp.float32) * factor).astype(x.dtype), tree)
+
+
+NormalizeState = optax.EmptyState
+
+
+def normalize(
+    labels: groups_lib.Labels = None,
+    *,
+    per_layer: bool = False,
+) -> optax.GradientTransformation:
+  """Divides updates by their L2 norm (global, or per layer group).
+
+  Zero updates stay zero (no NaN). The norm is taken in float32 and the
+  result is cast back to each leaf's dtype.
+
+  Args:
+    labels: layer labels for ``per_layer=True`` (see
+      :func:`optax_sam.layer_groups`); default: leaves sharing a parent path.
+    per_layer: if True, each layer group is normalized on its own, so every
+      group's perturbation has norm 1 (before scaling by ``rho``).
+
+  Returns:
+    An ``optax.GradientTransformation``.
+  """
+
+  def init_fn(params):
+    del params
+    return NormalizeState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    if not per_layer:
+      return _scale_leaves(updates, safe_inverse(safe_norm(updates))), state
+    label_tree = groups_lib.layer_groups(updates, labels).labels
+    flat, treedef = jax.tree.flatten(updates)
+    flat_labels = jax.tree.leaves(label_tree)
+    by_group: dict[str, list[int]] = {}
+    for i, lab in enumerate(flat_labels):
+      by_group.setdefault(lab, []).append(i)
+    out = list(flat)
+    for idx in by_group.values():
+      inv = safe_inverse(safe_norm([flat[i] for i in idx]))
+      for i in idx:
+        out[i] = (jnp.asarray(flat[i], jnp.float32) * inv).astype(
+            flat[i].dtype)
+    return jax.tree.unflatten(treedef, out), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+class ScaleByRhoState(NamedTuple):
+  """State of :func:`scale_by_rho` with a schedule: the step count."""
+  count: jax.Array
+
+
+def scale_by_rho(rho: ScalarOrSchedule) -> optax.GradientTransformation:
+  """Multiplies updates by ``rho`` (a positive constant or a schedule)."""
+  check_rho(rho)
+  if not callable(rho):
+    return optax.scale(rho)
+
+  def init_fn(params):
+    del params
+    return ScaleByRhoState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    del params
+    factor = jnp.asarray(rho(state.count), jnp.float32)
+    return _scale_leaves(updates, factor), ScaleByRhoState(
+        count=optax.safe_increment(state.count))
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_parameter_magnitude(
+    eta: float = 0.01,
+    adaptive_mask: Optional[groups_lib.MaskOrFn] = None,
+) -> optax.GradientTransformation:
+  """Multiplies updates elementwise by ``T_w = |w| + eta`` (ASAM).
+
+  Args:
+    eta: the offset that keeps ``T_w`` positive (ASAM's ``eta``).
+    adaptive_mask: optional pytree of bools (or ``params -> mask``) choosing
+      the leaves that get ``T_w``; the others use ``T_w = 1``. The ASAM
+      authors' code scales only weight tensors, not biases; the default here
+      scales every leaf, as the paper's formula is written.
+
+  Returns:
+    An ``optax.GradientTransformation`` that needs ``params``.
+  """
+  if eta < 0:
+    raise ValueError(f"eta must be >= 0, got {eta}.")
+
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    if params is None:
+      raise ValueError("ASAM's perturbation needs params: call update with "
+                       "params.")
+    if adaptive_mask is None:
+      mask = jax.tree.map(lambda _: True, params)
+    else:
+      mask = groups_lib.resolve_mask(adaptive_mask, params,
+                                     what="adaptive_mask")
+    def scale(g, w, m):
+      if not m:
+        return g
+      t = jnp.abs(jnp.asarray(w, jnp.float32)) + eta
+      return (jnp.asarray(g, jnp.float32) * t).astype(g.dtype)
+    return jax.tree.map(scale, updates, params, mask), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+def sam_perturbation(
+    rho: ScalarOrSchedule = 0.05,
+    *,
+    per_layer: bool = False,
+    labels: groups_lib.Labels = None,
+) -> optax.GradientTransformation:
+  """SAM's ascent step ``eps = rho * g / ||g||``.
+
+  Args:
+    rho: the neighbourhood radius (constant or schedule), > 0.
+    per_layer: normalize each layer group separately (each selected layer's
+      perturbation then has norm ``rho``) instead of over all leaves.
+    labels: layer labels when ``per_layer`` is True.
+
+  Returns:
+    An ``optax.GradientTransformation``.
+
+  References:
+    Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
+    Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
+  """
+  return optax.chain(normalize(labels, per_layer=per_layer),
+                     scale_by_rho(rho))
+
+
+def asam_perturbation(
+    rho: ScalarOrSchedule = 0.5,
+    eta: float = 0.01,
+    *,
+    adaptive_mask: Optional[groups_lib.MaskOrFn] = None,
+    per_layer: bool = False,
+    labels: groups_lib.Labels = None,
+) -> optax.GradientTransformation:
+  """ASAM's ascent step ``eps = rho * T_w^2 g / ||T_w g||``.
+
+  Args:
+    rho: the neighbourhood radius (constant or schedule), > 0.
+    eta: ``T_w = |w| + eta``.
+    adaptive_mask: leaves that get ``T_w`` (others use 1), see
+      :func:`scale_by_parameter_magnitude`.
+    per_layer: normalize ``T_w g`` per layer group instead of globally.
+    labels: layer labels when ``per_layer`` is True.
+
+  Returns:
+    An ``optax.GradientTransformation`` (it needs ``params``).
+
+  References:
+    Kwon et al., `ASAM: Adaptive Sharpness-Aware Minimization for
+    Scale-Invariant Learning of Deep Neural Networks
+    <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
+  """
+  t = scale_by_parameter_magnitude(eta, adaptive_mask)
+  return optax.chain(t, normalize(labels, per_layer=per_layer), t,
+                     scale_by_rho(rho))

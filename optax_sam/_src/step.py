@@ -1,0 +1,261 @@
+"""The two-pass engine behind both call paths (C1 and C2).
+
+Every method in ``optax_sam`` asks for its gradient passes through a
+:class:`GradientOracle`, and says for each pass which leaves it needs (a
+static mask, see ``groups.py``). The oracle returns a gradient pytree shaped
+like the parameters whose unrequested leaves are zero constants.
+
+* **C1, drop-in** (``tx.update(grads, state, params, grad_fn=grad_fn)``): the
+  caller already computed ``grads`` at ``params``; ``grad_fn(params, i)``
+  computes a full gradient at other points (the convention of
+  ``optax.contrib.sam``'s opaque mode, ``i`` the adversarial step index).
+  :class:`GivenGradients` serves the passes from those. Unrequested leaves
+  are discarded, so when the caller's gradient computation is traced in the
+  same ``jit`` XLA drops their work; otherwise they were already paid for.
+* **C2, loss-driven** (:func:`make_update`): :class:`LossOracle`
+  differentiates ``loss_fn`` with respect to the requested leaves only, so a
+  pass restricted to some layers compiles to less work (no weight gradients
+  for the others, no backward pass below the lowest requested layer), and the
+  unperturbed forward activations of untouched layers are shared between
+  passes by XLA. ``loss`` and ``aux`` come from the clean (unperturbed) pass.
+
+Methods call :meth:`GradientOracle.clean` once, outside any
+``lax.cond``/``lax.switch``, for the pass at the unperturbed parameters, and
+:meth:`GradientOracle.perturbed` for passes at other points.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+
+PyTree = Any
+Mask = PyTree  # pytree of Python bools shaped like params, or None for all.
+
+
+def _check_same_structure(tree: PyTree, params: PyTree, what: str) -> None:
+  a, b = jax.tree.structure(tree), jax.tree.structure(params)
+  if a != b:
+    raise ValueError(
+        f"{what} must have the same tree structure as params; got {a} for "
+        f"params {b}.")
+
+
+def _flags(wrt: Optional[Mask], params: PyTree) -> list[bool]:
+  n = jax.tree.structure(params).num_leaves
+  return [True] * n if wrt is None else [bool(f) for f in jax.tree.leaves(wrt)]
+
+
+def restrict(tree: PyTree, wrt: Optional[Mask]) -> PyTree:
+  """Replaces the leaves of ``tree`` outside ``wrt`` by zero constants."""
+  if wrt is None:
+    return tree
+  return jax.tree.map(lambda x, m: x if m else jnp.zeros_like(x), tree, wrt)
+
+
+def add_where(params: PyTree, eps: PyTree, mask: Optional[Mask]) -> PyTree:
+  """``params + eps`` on the leaves in ``mask``; other leaves pass unchanged.
+
+  Unselected leaves are the very same arrays as in ``params``, which is what
+  lets XLA share the forward computation of untouched layers between the
+  clean and the perturbed pass.
+  """
+  if mask is None:
+    mask = jax.tree.map(lambda _: True, params)
+  return jax.tree.map(
+      lambda p, e, m: (p + e).astype(p.dtype) if m else p, params, eps, mask)
+
+
+def pmean_where(tree: PyTree, mask: Optional[Mask],
+                axis_name: Optional[str]) -> PyTree:
+  """``lax.pmean`` over ``axis_name`` of the leaves in ``mask`` only."""
+  if axis_name is None:
+    return tree
+  if mask is None:
+    return jax.lax.pmean(tree, axis_name)
+  return jax.tree.map(
+      lambda x, m: jax.lax.pmean(x, axis_name) if m else x, tree, mask)
+
+
+def as_local(params: PyTree, axis_name: Optional[str]) -> PyTree:
+  """Marks ``params`` as varying over ``axis_name`` before differentiating.
+
+  Inside ``jax.shard_map`` (with its default ``check_vma=True``), the gradient
+  with respect to a replicated input is summed over the mapped axis by the
+  transpose rule. Casting the parameters to "varying" first keeps each
+  device's gradient local, as under ``jax.pmap``, so the method decides what
+  is averaged (m-sharpness). A no-op without ``axis_name``.
+  """
+  if axis_name is None:
+    return params
+  cast = getattr(jax.lax, "pcast", None)
+  if cast is not None:
+    return jax.tree.map(lambda x: cast(x, axis_name, to="varying"), params)
+  pvary = getattr(jax.lax, "pvary", None)  # older jax
+  if pvary is not None:
+    return jax.tree.map(lambda x: pvary(x, axis_name), params)
+  return params
+
+
+class GradientOracle:
+  """Computes the gradient passes a sharpness-aware method asks for."""
+
+  value: Optional[tuple[Any, Any]] = None
+
+  def clean(self, params: PyTree, wrt: Optional[Mask] = None) -> PyTree:
+    """Gradient at the unperturbed ``params`` for the leaves in ``wrt``."""
+    raise NotImplementedError
+
+  def perturbed(self, params: PyTree, index: int = 0,
+                wrt: Optional[Mask] = None) -> PyTree:
+    """Gradient at other parameters (e.g. ``w + eps``), leaves in ``wrt``."""
+    raise NotImplementedError
+
+  def record(self, loss: Any, aux: Any) -> None:
+    """Stores the clean pass's loss and aux for :func:`make_update`."""
+    self.value = (loss, aux)
+
+
+class GivenGradients(GradientOracle):
+  """C1: the clean gradient is given, other passes call ``grad_fn``."""
+
+  def __init__(self, grads: PyTree,
+               grad_fn: Callable[[PyTree, int], PyTree]):
+    self.grads = grads
+    self.grad_fn = grad_fn
+
+  def clean(self, params, wrt=None):
+    _check_same_structure(self.grads, params, "the gradient (updates)")
+    return restrict(self.grads, wrt)
+
+  def perturbed(self, params, index=0, wrt=None):
+    grads = self.grad_fn(params, index)
+    _check_same_structure(grads, params, "grad_fn's result")
+    return restrict(grads, wrt)
+
+
+class LossOracle(GradientOracle):
+  """C2: differentiates ``loss_fn(params, *args)`` w.r.t. requested leaves."""
+
+  def __init__(self, loss_fn: Callable[..., Any], has_aux: bool,
+               args: tuple[Any, ...]):
+    self.loss_fn = loss_fn
+    self.has_aux = has_aux
+    self.args = args
+
+  def _value_and_grad(self, params, wrt):
+    leaves, treedef = jax.tree.flatten(params)
+    flags = _flags(wrt, params)
+    if len(flags) != len(leaves):
+      raise ValueError("the mask does not match params' leaves.")
+    chosen = [i for i, f in enumerate(flags) if f]
+    if not chosen:
+      raise ValueError("a gradient pass must request at least one leaf.")
+
+    def partial_loss(selected):
+      full = list(leaves)
+      for i, x in zip(chosen, selected):
+        full[i] = x
+      return self.loss_fn(jax.tree.unflatten(treedef, full), *self.args)
+
+    out, g_sel = jax.value_and_grad(partial_loss, has_aux=self.has_aux)(
+        [leaves[i] for i in chosen])
+    grads = [jnp.zeros_like(x) for x in leaves]
+    for i, g in zip(chosen, g_sel):
+      grads[i] = g
+    loss, aux = out if self.has_aux else (out, None)
+    return loss, aux, jax.tree.unflatten(treedef, grads)
+
+  def clean(self, params, wrt=None):
+    loss, aux, grads = self._value_and_grad(params, wrt)
+    self.record(loss, aux)
+    return grads
+
+  def clean_with_value(self, params, wrt=None):
+    """Like :meth:`clean` but also returns ``(loss, aux)``; records nothing.
+
+    For methods that run the clean pass inside a branch: they return the
+    value out of the branch and call :meth:`record` themselves.
+    """
+    loss, aux, grads = self._value_and_grad(params, wrt)
+    return (loss, aux), grads
+
+  def perturbed(self, params, index=0, wrt=None):
+    del index
+    return self._value_and_grad(params, wrt)[2]
+
+
+def as_oracle(updates: Optional[PyTree],
+              grad_fn: Optional[Callable[..., Any]]) -> GradientOracle:
+  """The oracle for one ``update`` call (C2 passes one; C1 gets wrapped)."""
+  if isinstance(grad_fn, GradientOracle):
+    return grad_fn
+  if grad_fn is None:
+    raise ValueError(
+        "this sharpness-aware transformation needs grad_fn: call "
+        "tx.update(grads, state, params, grad_fn=grad_fn) with "
+        "grad_fn(params, i) -> grads, or use optax_sam.make_update(tx, "
+        "loss_fn) to let the library run the gradient passes.")
+  if updates is None:
+    raise ValueError("updates (the gradient at params) is None: pass the "
+                     "gradient, or use optax_sam.make_update.")
+  return GivenGradients(updates, grad_fn)
+
+
+_NOT_DRIVEN = (
+    "tx did not run the loss-driven gradient passes: make_update needs a "
+    "transformation from optax_sam; wrap a plain optax optimizer with "
+    "optax_sam.plain(optimizer).")
+
+
+def make_update(
+    tx: optax.GradientTransformationExtraArgs,
+    loss_fn: Callable[..., Any],
+    has_aux: bool = False,
+) -> Callable[..., tuple[tuple[Any, Any], PyTree, optax.OptState]]:
+  """Builds a loss-driven training step (call path C2).
+
+  The library runs every gradient pass itself, differentiating only with
+  respect to the leaves each pass needs, so a restricted pass costs less in
+  the compiled program. Wrap the result in ``jax.jit`` (or ``jax.pmap`` /
+  ``jax.shard_map`` when ``tx`` has an ``axis_name``)::
+
+    step = jax.jit(optax_sam.make_update(tx, loss_fn))
+    (loss, aux), updates, opt_state = step(params, opt_state, x, y)
+    params = optax.apply_updates(params, updates)
+
+  Args:
+    tx: a transformation from ``optax_sam`` (possibly wrapped by
+      ``optax.inject_hyperparams``). A plain optax optimizer must be wrapped
+      with :func:`optax_sam.plain` to be driven by a loss.
+    loss_fn: ``loss_fn(params, *args) -> loss``, or ``-> (loss, aux)`` when
+      ``has_aux`` is True.
+    has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
+
+  Returns:
+    ``step(params, opt_state, *args) -> ((loss, aux), updates, opt_state)``
+    where ``loss`` and ``aux`` come from the pass at the unperturbed
+    parameters (``aux`` is None when ``has_aux`` is False).
+  """
+  if not callable(loss_fn):
+    raise ValueError(f"loss_fn must be callable, got {loss_fn!r}.")
+  if not hasattr(tx, "update"):
+    raise TypeError(f"tx must be an optax transformation, got {tx!r}.")
+
+  def step(params, opt_state, *args):
+    oracle = LossOracle(loss_fn, has_aux, args)
+    try:
+      updates, opt_state = tx.update(None, opt_state, params, grad_fn=oracle)
+    except (TypeError, AttributeError) as e:
+      if oracle.value is None:
+        raise TypeError(_NOT_DRIVEN) from e
+      raise
+    if oracle.value is None:
+      raise TypeError(_NOT_DRIVEN)
+    return oracle.value, updates, opt_state
+
+  return step

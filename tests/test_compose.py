@@ -1,0 +1,178 @@
+"""Composition with optax: chains, schedules, inject_hyperparams, MultiSteps,
+extra arguments, and clear errors for bad input."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_sam
+import reference
+from _util import assert_trees_close, jax_loss, setup, to_jax
+
+
+def _c2_steps(tx, params, x, y, steps=3, **extra):
+  step = jax.jit(optax_sam.make_update(tx, jax_loss))
+  state = tx.init(params)
+  for _ in range(steps):
+    _, u, state = step(params, state, x, y)
+    params = optax.apply_updates(params, u)
+  return params, state
+
+
+def test_chain_base_optimizer_with_clipping():
+  p, x, y = setup()
+  params = to_jax(p)
+  base = optax.chain(optax.clip_by_global_norm(0.01), optax.sgd(0.1))
+  tx = optax_sam.sam(base, rho=0.05)
+  got, _ = _c2_steps(tx, params, x, y, steps=1)
+  g = reference.sam_gradient(p, [(x, y)], 0.05)
+  norm = reference.global_norm(g)
+  want = reference.tmap(lambda a, b: a - 0.1 * b * min(1.0, 0.01 / norm),
+                        p, g)
+  assert_trees_close(got, want)
+
+
+def test_rho_schedule_matches_constant_rhos():
+  p, x, y = setup()
+  params = to_jax(p)
+  sched = lambda count: jnp.where(count < 1, 0.05, 0.2)
+  tx = optax_sam.sam(optax.sgd(0.1), rho=sched)
+  got, _ = _c2_steps(tx, params, x, y, steps=2)
+  q = p
+  for rho in (0.05, 0.2):
+    g = reference.sam_gradient(q, [(x, y)], rho)
+    q = reference.tmap(lambda a, b: a - 0.1 * b, q, g)
+  assert_trees_close(got, q)
+
+
+def test_inject_hyperparams_rho_and_learning_rate():
+  p, x, y = setup()
+  params = to_jax(p)
+  tx = optax.inject_hyperparams(optax_sam.sam)(
+      optimizer=optax.inject_hyperparams(optax.sgd)(
+          learning_rate=optax.linear_schedule(0.1, 0.05, 1)),
+      rho=lambda count: 0.05 * (count + 1))
+  got, state = _c2_steps(tx, params, x, y, steps=2)
+  q = p
+  for lr, rho in ((0.1, 0.05), (0.05, 0.1)):
+    g = reference.sam_gradient(q, [(x, y)], rho)
+    q = reference.tmap(lambda a, b: a - lr * b, q, g)
+  assert_trees_close(got, q)
+  np.testing.assert_allclose(state.hyperparams["rho"], 0.1, rtol=1e-6)
+
+
+def test_multisteps_as_base_accumulates_sam_gradients():
+  p, x, y = setup()
+  params = to_jax(p)
+  tx = optax_sam.sam(optax.MultiSteps(optax.sgd(0.1), every_k_schedule=2))
+  step = jax.jit(optax_sam.make_update(tx, jax_loss))
+  state = tx.init(params)
+  halves = [(x[:8], y[:8]), (x[8:], y[8:])]
+  for xb, yb in halves:
+    _, u, state = step(params, state, xb, yb)
+    params = optax.apply_updates(params, u)
+  g = reference.sam_gradient(p, halves, 0.05)  # per-micro-batch SAM, mean
+  want = reference.tmap(lambda a, b: a - 0.1 * b, p, g)
+  assert_trees_close(params, want)
+
+
+def test_extra_args_are_passed_to_the_base_optimizer():
+  p, x, y = setup()
+  params = to_jax(p)
+  base = optax.chain(optax.sgd(0.1),
+                     optax.contrib.reduce_on_plateau(patience=0, factor=0.5))
+  tx = optax_sam.sam(base)
+  state = tx.init(params)
+  g = jax.grad(jax_loss)(params, x, y)
+  gf = lambda q, i: jax.grad(jax_loss)(q, x, y)
+  for value in (1.0, 2.0, 3.0):  # a worsening loss halves the scale
+    _, state = tx.update(g, state, params, grad_fn=gf, value=value)
+  scale = state.opt_state[1].scale
+  assert float(scale) < 1.0
+
+
+def test_state_is_a_plain_pytree_and_resumes_bit_for_bit():
+  p, x, y = setup()
+  params = to_jax(p)
+  tx = optax_sam.sam(optax.adamw(1e-2), rho=lambda c: 0.05 + 0.01 * c)
+  step = jax.jit(optax_sam.make_update(tx, jax_loss))
+
+  def run(params, state, n):
+    for _ in range(n):
+      _, u, state = step(params, state, x, y)
+      params = optax.apply_updates(params, u)
+    return params, state
+
+  full = run(params, tx.init(params), 4)
+  half = run(params, tx.init(params), 2)
+  # "Checkpoint": flatten to numpy and rebuild, as orbax would.
+  leaves, treedef = jax.tree.flatten(half)
+  restored = jax.tree.unflatten(treedef, [np.array(l) for l in leaves])
+  resumed = run(*restored, 2)
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), full,
+               resumed)
+  for leaf in jax.tree.leaves(full[1]):
+    assert isinstance(leaf, jax.Array)
+
+
+# ---------------------------------------------------------------- errors
+
+
+@pytest.mark.parametrize("rho", [0.0, -0.1, float("nan")])
+@pytest.mark.parametrize("factory", [optax_sam.sam, optax_sam.asam])
+def test_bad_rho_raises_at_construction(factory, rho):
+  with pytest.raises(ValueError, match="rho must be > 0"):
+    factory(optax.sgd(0.1), rho=rho)
+
+
+def test_mismatched_perturb_mask_raises():
+  params = to_jax(setup()[0])
+  tx = optax_sam.sam(optax.sgd(0.1), perturb={"out": True})
+  with pytest.raises(ValueError, match="same tree structure"):
+    optax_sam.make_update(tx, jax_loss)(params, tx.init(params), 0, 0)
+
+
+def test_empty_perturb_mask_raises():
+  params = to_jax(setup()[0])
+  mask = jax.tree.map(lambda _: False, params)
+  tx = optax_sam.sam(optax.sgd(0.1), perturb=mask)
+  with pytest.raises(ValueError, match="selects no parameter"):
+    optax_sam.make_update(tx, jax_loss)(params, tx.init(params), 0, 0)
+
+
+def test_mismatched_gradient_pytree_raises():
+  params = to_jax(setup()[0])
+  tx = optax_sam.sam(optax.sgd(0.1))
+  with pytest.raises(ValueError, match="same tree structure"):
+    tx.update({"out": params["out"]}, tx.init(params), params,
+              grad_fn=lambda q, i: q)
+
+
+def test_missing_grad_fn_raises():
+  params = to_jax(setup()[0])
+  tx = optax_sam.sam(optax.sgd(0.1))
+  with pytest.raises(ValueError, match="needs grad_fn"):
+    tx.update(params, tx.init(params), params)
+
+
+def test_missing_params_raises():
+  params = to_jax(setup()[0])
+  tx = optax_sam.sam(optax.sgd(0.1))
+  with pytest.raises(ValueError, match="need params"):
+    tx.update(params, tx.init(params), None, grad_fn=lambda q, i: q)
+
+
+def test_bad_loss_fn_and_plain_optimizer_in_make_update():
+  params = to_jax(setup()[0])
+  with pytest.raises(ValueError, match="loss_fn must be callable"):
+    optax_sam.make_update(optax_sam.sam(optax.sgd(0.1)), None)
+  tx = optax.sgd(0.1)
+  with pytest.raises(TypeError, match="optax_sam.plain"):
+    optax_sam.make_update(tx, jax_loss)(params, tx.init(params), 0, 0)
+
+
+def test_sync_ascent_needs_axis_name():
+  with pytest.raises(ValueError, match="axis_name"):
+    optax_sam.sam(optax.sgd(0.1), sync_ascent=True)
