@@ -102,13 +102,31 @@ def as_local(params: PyTree, axis_name: Optional[str]) -> PyTree:
 
 
 class GradientOracle:
-  """Computes the gradient passes a sharpness-aware method asks for."""
+  """Computes the gradient passes a sharpness-aware method asks for.
+
+  Subclasses implement :meth:`clean_with_value` and :meth:`perturbed`.
+  """
 
   value: Optional[tuple[Any, Any]] = None
 
-  def clean(self, params: PyTree, wrt: Optional[Mask] = None) -> PyTree:
-    """Gradient at the unperturbed ``params`` for the leaves in ``wrt``."""
+  def clean_with_value(self, params: PyTree, wrt: Optional[Mask] = None
+                       ) -> tuple[tuple[Any, Any], PyTree]:
+    """``((loss, aux), grads)`` at the unperturbed ``params``, leaves in
+    ``wrt``; records nothing (``loss``/``aux`` are None in C1).
+
+    For methods that run the clean pass inside a ``lax.cond``/``lax.switch``
+    branch: they return the value out of the branch and :meth:`record` it.
+    """
     raise NotImplementedError
+
+  def clean(self, params: PyTree, wrt: Optional[Mask] = None) -> PyTree:
+    """Gradient at the unperturbed ``params`` for the leaves in ``wrt``.
+
+    Also records the pass's ``(loss, aux)``: call it outside any branch.
+    """
+    value, grads = self.clean_with_value(params, wrt)
+    self.record(*value)
+    return grads
 
   def perturbed(self, params: PyTree, index: int = 0,
                 wrt: Optional[Mask] = None) -> PyTree:
@@ -128,9 +146,9 @@ class GivenGradients(GradientOracle):
     self.grads = grads
     self.grad_fn = grad_fn
 
-  def clean(self, params, wrt=None):
+  def clean_with_value(self, params, wrt=None):
     _check_same_structure(self.grads, params, "the gradient (updates)")
-    return restrict(self.grads, wrt)
+    return (None, None), restrict(self.grads, wrt)
 
   def perturbed(self, params, index=0, wrt=None):
     grads = self.grad_fn(params, index)
@@ -170,17 +188,7 @@ class LossOracle(GradientOracle):
     loss, aux = out if self.has_aux else (out, None)
     return loss, aux, jax.tree.unflatten(treedef, grads)
 
-  def clean(self, params, wrt=None):
-    loss, aux, grads = self._value_and_grad(params, wrt)
-    self.record(loss, aux)
-    return grads
-
   def clean_with_value(self, params, wrt=None):
-    """Like :meth:`clean` but also returns ``(loss, aux)``; records nothing.
-
-    For methods that run the clean pass inside a branch: they return the
-    value out of the branch and call :meth:`record` themselves.
-    """
     loss, aux, grads = self._value_and_grad(params, wrt)
     return (loss, aux), grads
 
@@ -237,19 +245,22 @@ def make_update(
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
 
   Returns:
-    ``step(params, opt_state, *args) -> ((loss, aux), updates, opt_state)``
-    where ``loss`` and ``aux`` come from the pass at the unperturbed
-    parameters (``aux`` is None when ``has_aux`` is False).
+    ``step(params, opt_state, *args, **extra_args) -> ((loss, aux), updates,
+    opt_state)`` where ``loss`` and ``aux`` come from the pass at the
+    unperturbed parameters (``aux`` is None when ``has_aux`` is False).
+    Positional ``args`` go to ``loss_fn``; keyword ``extra_args`` go to
+    ``tx.update`` (and on to the base optimizer, e.g. ``value=``).
   """
   if not callable(loss_fn):
     raise ValueError(f"loss_fn must be callable, got {loss_fn!r}.")
   if not hasattr(tx, "update"):
     raise TypeError(f"tx must be an optax transformation, got {tx!r}.")
 
-  def step(params, opt_state, *args):
+  def step(params, opt_state, *args, **extra_args):
     oracle = LossOracle(loss_fn, has_aux, args)
     try:
-      updates, opt_state = tx.update(None, opt_state, params, grad_fn=oracle)
+      updates, opt_state = tx.update(None, opt_state, params, grad_fn=oracle,
+                                     **extra_args)
     except (TypeError, AttributeError) as e:
       if oracle.value is None:
         raise TypeError(_NOT_DRIVEN) from e
