@@ -1,0 +1,68 @@
+"""Provenance recorded with every benchmark figure (BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from typing import Any
+
+
+def _version(pkg: str) -> str | None:
+  try:
+    return metadata.version(pkg)
+  except metadata.PackageNotFoundError:
+    return None
+
+
+def git_commit() -> str | None:
+  """The checkout's HEAD commit, with ``+dirty`` when files are modified."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root,
+                          capture_output=True, text=True, check=True)
+    dirty = subprocess.run(["git", "status", "--porcelain", "--",
+                            "optax_sam", "benchmarks"], cwd=root,
+                           capture_output=True, text=True, check=True)
+  except (OSError, subprocess.CalledProcessError):
+    return None
+  return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+
+
+def provenance(seeds: Any = None) -> dict[str, Any]:
+  """Command, commit, versions, device and date of this run."""
+  import jax  # pylint: disable=g-import-not-at-top
+  devices = jax.devices()
+  return {
+      "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+      "git_commit": git_commit(),
+      "versions": {p: _version(p) for p in
+                   ("jax", "jaxlib", "optax", "chex", "flax", "numpy")},
+      "python": platform.python_version(),
+      "device": {"platform": devices[0].platform,
+                 "kind": devices[0].device_kind,
+                 "count": len(devices),
+                 "cpu_count": os.cpu_count(),
+                 "machine": platform.machine()},
+      "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+          timespec="seconds"),
+      "seeds": seeds,
+  }
+
+
+def write_result(name: str, payload: dict[str, Any],
+                 seeds: Any = None, results_dir: str | None = None) -> str:
+  """Writes ``benchmarks/results/<name>.json`` with provenance; returns path."""
+  results_dir = results_dir or os.path.join(os.path.dirname(__file__),
+                                            "results")
+  os.makedirs(results_dir, exist_ok=True)
+  path = os.path.join(results_dir, f"{name}.json")
+  with open(path, "w") as f:
+    json.dump({"provenance": provenance(seeds), **payload}, f, indent=1,
+              sort_keys=False, default=float)
+    f.write("\n")
+  return path
