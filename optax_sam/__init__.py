@@ -9,12 +9,25 @@ returns an ``optax.GradientTransformationExtraArgs``. Two call paths:
 """
 
 from optax_sam._src.asam import asam
+from optax_sam._src.executors import Executor
+from optax_sam._src.executors import Menu
+from optax_sam._src.executors import SpecializedStep
+from optax_sam._src.executors import depth_menu
+from optax_sam._src.executors import subset_menu
 from optax_sam._src.groups import LayerGroups
 from optax_sam._src.groups import layer_groups
 from optax_sam._src.groups import mask_fraction
 from optax_sam._src.groups import mask_from_names
 from optax_sam._src.groups import natural_order
 from optax_sam._src.perturb import asam_perturbation
+from optax_sam._src.policies import LayerStats
+from optax_sam._src.policies import Policy
+from optax_sam._src.policies import PolicyState
+from optax_sam._src.policies import bandit
+from optax_sam._src.policies import fixed
+from optax_sam._src.policies import random_k
+from optax_sam._src.policies import reselect_every
+from optax_sam._src.policies import top_k
 from optax_sam._src.perturb import normalize
 from optax_sam._src.perturb import safe_norm
 from optax_sam._src.perturb import sam_perturbation
@@ -25,18 +38,30 @@ from optax_sam._src.sam import SharpnessAwareState
 from optax_sam._src.sam import plain
 from optax_sam._src.sam import sam
 from optax_sam._src.sam import sharpness_aware
+from optax_sam._src.selective import SelectiveState
+from optax_sam._src.selective import selective_sam
 from optax_sam._src.step import GradientOracle
 from optax_sam._src.step import make_update
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "Executor",
     "GradientOracle",
     "LayerGroups",
+    "LayerStats",
+    "Menu",
     "PlainState",
+    "Policy",
+    "PolicyState",
+    "SelectiveState",
     "SharpnessAwareState",
+    "SpecializedStep",
     "asam",
     "asam_perturbation",
+    "bandit",
+    "depth_menu",
+    "fixed",
     "layer_groups",
     "make_update",
     "mask_fraction",
@@ -44,10 +69,15 @@ __all__ = (
     "natural_order",
     "normalize",
     "plain",
+    "random_k",
+    "reselect_every",
     "safe_norm",
     "sam",
     "sam_perturbation",
     "scale_by_parameter_magnitude",
     "scale_by_rho",
+    "selective_sam",
     "sharpness_aware",
+    "subset_menu",
+    "top_k",
 )

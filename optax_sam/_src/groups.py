@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 PyTree = Any
@@ -89,6 +90,32 @@ class LayerGroups(NamedTuple):
   def mask(self, selected: Iterable[Union[str, int]]) -> PyTree:
     """A pytree of bools, True on the leaves of the selected groups."""
     return mask_from_names(self, selected)
+
+  def leaf_group_indices(self) -> list[int]:
+    """For each leaf (in flatten order), the depth position of its group."""
+    pos = {n: i for i, n in enumerate(self.names)}
+    return [pos[lab] for lab in jax.tree.leaves(self.labels)]
+
+  def mask_from_flags(self, flags: Sequence[bool]) -> PyTree:
+    """Leaf mask (Python bools) from one static flag per group."""
+    flags = [bool(f) for f in flags]
+    if len(flags) != self.num_groups:
+      raise ValueError(f"need {self.num_groups} group flags, got "
+                       f"{len(flags)}.")
+    return jax.tree.unflatten(
+        self.treedef, [flags[i] for i in self.leaf_group_indices()])
+
+  def leaf_selection(self, selection: Any) -> PyTree:
+    """Per-leaf scalar bools from a (traced) bool[L] group selection."""
+    return jax.tree.unflatten(
+        self.treedef, [selection[i] for i in self.leaf_group_indices()])
+
+  def sq_norms(self, tree: PyTree) -> Any:
+    """float32[L]: squared L2 norm of ``tree``'s leaves, summed per group."""
+    out = jnp.zeros(self.num_groups, jnp.float32)
+    for i, leaf in zip(self.leaf_group_indices(), jax.tree.leaves(tree)):
+      out = out.at[i].add(jnp.sum(jnp.square(jnp.asarray(leaf, jnp.float32))))
+    return out
 
 
 def _resolve_labels(params: PyTree, labels: Labels) -> PyTree:

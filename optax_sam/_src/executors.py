@@ -1,0 +1,276 @@
+"""Executors: turn a run-time layer selection into less computation.
+
+A policy (``policies.py``) chooses, inside the jitted step, a boolean vector
+over the layer groups. XLA only prunes work for a *static* subset (a gradient
+with respect to some leaves compiles to fewer FLOPs; a 0/1 mask on a full
+gradient does not). An executor bridges the two: it runs a *body* that is
+written for a static superset of groups (Python bools, one per group) and
+masks the dynamic selection inside it, so the result equals the dense
+reference while the work is that of the static superset.
+
+Executors here, and their trade-offs (measured by ``benchmarks/selection.py``,
+figures in ``benchmarks/results/selection_*.json``):
+
+* :func:`dense`: one body over all groups, masked. The reference; saves
+  nothing.
+* :func:`switch`: a bounded *menu* of static supersets compiled into one
+  program and dispatched with ``lax.switch``; on CPU and GPU only the taken
+  branch runs. One compilation (of every branch: compile time and program
+  size grow with the menu). The default menu, :func:`depth_menu`, has one
+  entry per depth: "every group from depth j to the output". The cost of a
+  backward pass is set mostly by the lowest layer it must reach, so this
+  menu is exact for output-side selections (the common case for
+  gradient-norm selection) and otherwise pays for the weight gradients of
+  the unselected groups above the lowest selected one. No host
+  synchronisation; works for selections that change every step.
+* :func:`specialize`: one program per distinct selection, compiled on first
+  use and cached (bounded). The selection must be given statically; the
+  loop helper :class:`SpecializedStep` reads it from the optimizer state
+  (a device-to-host copy) only before steps where the policy may change it.
+  Exact cost for any subset; pays one compilation per distinct subset and a
+  synchronisation at re-selection steps. Best when the selection changes
+  rarely (re-selection every N steps).
+
+Which one each method uses by default is stated in its docstring.
+"""
+
+from __future__ import annotations
+
+import collections
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from optax_sam._src import policies
+from optax_sam._src import step as step_lib
+
+Flags = tuple[bool, ...]
+
+
+class Menu(NamedTuple):
+  """A bounded list of static group subsets, cheapest first.
+
+  Attributes:
+    entries: tuples of Python bools (one per group); the last entry is the
+      full set, so every selection is covered.
+  """
+  entries: tuple[Flags, ...]
+
+  def cover(self, selection: jax.Array) -> jax.Array:
+    """int32 index of the first entry containing every selected group."""
+    table = jnp.asarray(np.array(self.entries, bool))  # [B, L]
+    covers = jnp.all(jnp.logical_or(table, ~selection[None, :]), axis=1)
+    return jnp.argmax(covers).astype(jnp.int32)  # first True; full set last
+
+
+def depth_menu(num_groups: int) -> Menu:
+  """Entries "groups j..L-1" for j = L-1 down to 0 (cheapest first)."""
+  return Menu(tuple(tuple(i >= j for i in range(num_groups))
+                    for j in range(num_groups - 1, -1, -1)))
+
+
+def subset_menu(subsets: Sequence[Sequence[int]], num_groups: int) -> Menu:
+  """A menu of explicit subsets (group positions), in the given order.
+
+  The full set is appended when missing, so every selection is covered.
+  """
+  entries = []
+  for sub in subsets:
+    flags = [False] * num_groups
+    for i in sub:
+      flags[int(i)] = True
+    entries.append(tuple(flags))
+  full = tuple([True] * num_groups)
+  if full not in entries:
+    entries.append(full)
+  return Menu(tuple(entries))
+
+
+MenuSpec = Union[None, str, Menu, Callable[[int], Menu]]
+
+
+def _resolve_menu(menu: MenuSpec, num_groups: int) -> Menu:
+  if menu is None or menu == "depth":
+    return depth_menu(num_groups)
+  if isinstance(menu, Menu):
+    if any(len(e) != num_groups for e in menu.entries):
+      raise ValueError(f"menu entries must have {num_groups} flags.")
+    if tuple([True] * num_groups) not in menu.entries:
+      raise ValueError("a menu must contain the full set of groups.")
+    return menu
+  if callable(menu):
+    return _resolve_menu(menu(num_groups), num_groups)
+  raise ValueError(f"unknown menu {menu!r}.")
+
+
+class Executor(NamedTuple):
+  """Runs ``body(flags)`` for a run-time ``selection``.
+
+  Attributes:
+    name: "dense", "switch" or "specialize".
+    num_branches: ``num_groups -> number of static programs in one step``.
+    run: ``run(selection, body, static_selection) -> (out, branch_index)``;
+      ``body(flags)`` must give the same result for any ``flags`` covering
+      ``selection`` (it masks the dynamic selection inside).
+    branch_flags: ``num_groups -> list of the static flags of each branch``
+      (empty for ``specialize``, whose programs are made on demand).
+  """
+  name: str
+  num_branches: Callable[[int], int]
+  run: Callable[..., tuple[Any, jax.Array]]
+  branch_flags: Callable[[int], list[Flags]]
+
+
+def dense() -> Executor:
+  """The reference: every group computed, the selection applied as a mask."""
+
+  def run(selection, body, static_selection=None):
+    del static_selection
+    return body(tuple([True] * selection.shape[0])), jnp.int32(0)
+
+  return Executor("dense", lambda n: 1, run,
+                  lambda n: [tuple([True] * n)])
+
+
+def switch(menu: MenuSpec = None) -> Executor:
+  """A menu of static supersets dispatched by ``lax.switch``.
+
+  Args:
+    menu: a :class:`Menu`, a function ``num_groups -> Menu``, or None /
+      ``"depth"`` for :func:`depth_menu`.
+
+  Returns:
+    An :class:`Executor`.
+  """
+
+  def run(selection, body, static_selection=None):
+    del static_selection
+    m = _resolve_menu(menu, selection.shape[0])
+    index = m.cover(selection)
+    branches = [lambda e=e: body(e) for e in m.entries]
+    return jax.lax.switch(index, branches), index
+
+  return Executor("switch", lambda n: len(_resolve_menu(menu, n).entries),
+                  run, lambda n: list(_resolve_menu(menu, n).entries))
+
+
+def specialize() -> Executor:
+  """One program per static selection (see :class:`SpecializedStep`).
+
+  ``update`` must receive ``static_selection=`` (a tuple of bools equal to the
+  state's selection); :class:`SpecializedStep` passes it.
+  """
+
+  def run(selection, body, static_selection=None):
+    if static_selection is None:
+      raise ValueError(
+          "the 'specialize' executor needs static_selection=...: drive the "
+          "step with optax_sam.SpecializedStep (it reads the selection from "
+          "the state and compiles one program per selection), or use the "
+          "'switch' executor.")
+    flags = tuple(bool(f) for f in static_selection)
+    if len(flags) != selection.shape[0]:
+      raise ValueError(f"static_selection needs {selection.shape[0]} flags, "
+                       f"got {len(flags)}.")
+    return body(flags), jnp.int32(0)
+
+  return Executor("specialize", lambda n: 1, run, lambda n: [])
+
+
+EXECUTORS = {"dense": dense, "switch": switch, "specialize": specialize}
+
+
+def get_executor(executor: Union[str, Executor, None],
+                 default: str = "switch") -> Executor:
+  """An :class:`Executor` from a name ("dense", "switch", "specialize")."""
+  if executor is None:
+    executor = default
+  if isinstance(executor, Executor):
+    return executor
+  if executor not in EXECUTORS:
+    raise ValueError(f"unknown executor {executor!r}; choose from "
+                     f"{sorted(EXECUTORS)}.")
+  return EXECUTORS[executor]()
+
+
+# ------------------------------------------------- re-specialising loop
+
+
+def find_policy_state(opt_state: Any) -> Optional[policies.PolicyState]:
+  """The first :class:`PolicyState` inside ``opt_state`` (or None)."""
+  for x in jax.tree.leaves(
+      opt_state, is_leaf=lambda x: isinstance(x, policies.PolicyState)):
+    if isinstance(x, policies.PolicyState):
+      return x
+  return None
+
+
+class SpecializedStep:
+  """Training-loop helper for the ``specialize`` executor.
+
+  Before each step where the policy may change the selection, it copies the
+  selection from the optimizer state to the host, and runs the program
+  compiled for that exact subset (compiling it on first use, keeping at most
+  ``max_cache`` programs, least recently used evicted). Between re-selection
+  steps it dispatches without synchronising.
+
+  Example::
+
+    tx = optax_sam.selective_sam(opt, policy, executor="specialize")
+    step = optax_sam.SpecializedStep(tx, loss_fn, policy=policy)
+    (loss, aux), updates, opt_state = step(params, opt_state, x, y)
+
+  Attributes:
+    compilations: number of programs compiled so far.
+    selections: the distinct selections seen, in order of first use.
+  """
+
+  def __init__(self, tx, loss_fn: Callable[..., Any], *, has_aux: bool = False,
+               policy=None, max_cache: int = 8,
+               jit: Callable[..., Any] = jax.jit):
+    if max_cache < 1:
+      raise ValueError(f"max_cache must be >= 1, got {max_cache}.")
+    self._update = step_lib.make_update(tx, loss_fn, has_aux=has_aux)
+    self._policy = policy
+    self._max_cache = max_cache
+    self._jit = jit
+    self._cache: collections.OrderedDict[Flags, Any] = (
+        collections.OrderedDict())
+    self._current: Optional[Flags] = None
+    self._step: Optional[int] = None
+    self.compilations = 0
+    self.selections: list[Flags] = []
+
+  def _program(self, flags: Flags):
+    if flags in self._cache:
+      self._cache.move_to_end(flags)
+      return self._cache[flags]
+    fn = self._jit(lambda p, s, *a: self._update(p, s, *a,
+                                                 static_selection=flags))
+    self._cache[flags] = fn
+    self.compilations += 1
+    if flags not in self.selections:
+      self.selections.append(flags)
+    while len(self._cache) > self._max_cache:
+      self._cache.popitem(last=False)
+    return fn
+
+  def __call__(self, params, opt_state, *args):
+    if self._step is None or self._policy is None or self._policy.may_change(
+        self._step):
+      state = find_policy_state(opt_state)
+      if state is None:
+        raise ValueError("no policy state found in opt_state: SpecializedStep "
+                         "drives selective methods.")
+      selection, count = jax.device_get((state.selection, state.count))
+      # Replicated over devices (pmap): every copy is the same; take the first.
+      selection = np.asarray(selection).reshape(-1, np.shape(selection)[-1])[0]
+      self._current = tuple(bool(f) for f in selection)
+      if self._step is None:
+        self._step = int(np.asarray(count).reshape(-1)[0])
+    out = self._program(self._current)(params, opt_state, *args)
+    self._step += 1
+    return out

@@ -1,0 +1,183 @@
+"""Selection policies against hand-computed expectations."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_sam
+from optax_sam._src import policies
+
+
+def _stats(sq_norms, observed=None, sizes=None):
+  sq = jnp.asarray(sq_norms, jnp.float32)
+  n = sq.shape[0]
+  return policies.LayerStats(
+      sq, jnp.ones(n, bool) if observed is None else jnp.asarray(observed),
+      jnp.ones(n, jnp.float32) if sizes is None
+      else jnp.asarray(sizes, jnp.float32))
+
+
+def _sel(state):
+  return np.asarray(state.selection).astype(int).tolist()
+
+
+def test_top_k_mask_ties_and_nan():
+  m = policies.top_k_mask(jnp.array([1.0, 3.0, 3.0, jnp.nan, 0.5]), 2)
+  assert np.asarray(m).astype(int).tolist() == [0, 1, 1, 0, 0]
+  # Ties: the deeper (output-side) group wins.
+  m = policies.top_k_mask(jnp.array([2.0, 2.0, 2.0]), 1)
+  assert np.asarray(m).astype(int).tolist() == [0, 0, 1]
+
+
+def test_fixed():
+  pol = optax_sam.fixed([0, -1])
+  s = pol.init(4, None)
+  assert _sel(s) == [1, 0, 0, 1]
+  s = pol.update(s, _stats([9.0, 1.0, 1.0, 0.0]))
+  assert _sel(s) == [1, 0, 0, 1] and int(s.count) == 1
+  with pytest.raises(ValueError, match="empty"):
+    optax_sam.fixed([]).init(3, None)
+  with pytest.raises(ValueError, match="out of range"):
+    optax_sam.fixed([5]).init(3, None)
+
+
+def test_top_k_by_norm_and_initial():
+  pol = optax_sam.top_k(2)
+  s = pol.init(4, None)
+  assert _sel(s) == [0, 0, 1, 1]  # output side before any statistic
+  s = pol.update(s, _stats([1.0, 9.0, 4.0, 16.0]))  # norms 1, 3, 2, 4
+  assert _sel(s) == [0, 1, 0, 1]
+  s = pol.update(s, _stats([25.0, 0.0, 4.0, 1.0]))
+  assert _sel(s) == [1, 0, 1, 0]
+
+
+def test_top_k_rms_uses_sizes():
+  pol = optax_sam.top_k(1, statistic="rms")
+  s = pol.init(2, None)
+  # norms 10 and 4; per sqrt(size): 10/sqrt(100) = 1 < 4/sqrt(4) = 2.
+  s = pol.update(s, _stats([100.0, 16.0], sizes=[100, 4]))
+  assert _sel(s) == [0, 1]
+  s = optax_sam.top_k(1, statistic="norm").update(
+      s, _stats([100.0, 16.0], sizes=[100, 4]))
+  assert _sel(s) == [1, 0]
+
+
+def test_top_k_ema_and_unobserved():
+  ema = 0.5
+  pol = optax_sam.top_k(1, ema=ema)
+  s = pol.init(3, None)
+  s = pol.update(s, _stats([4.0, 1.0, 0.0]))  # first observation: 2, 1, 0
+  np.testing.assert_allclose(s.score, [2.0, 1.0, 0.0])
+  # Group 2 is not observed: its score is kept, not smoothed towards 0.
+  s = pol.update(s, _stats([0.0, 25.0, 100.0], observed=[True, True, False]))
+  np.testing.assert_allclose(s.score, [1.0, 3.0, 0.0])
+  assert _sel(s) == [0, 1, 0]
+
+
+def test_reselect_every_holds_choice():
+  pol = optax_sam.reselect_every(optax_sam.top_k(1), 3)
+  s = pol.init(3, None)
+  seen = []
+  for t in range(7):
+    sq = [0.0, 0.0, 0.0]
+    sq[t % 3] = 1.0  # the largest group moves every step
+    s = pol.update(s, _stats(sq))
+    seen.append(_sel(s))
+  # Adopted only after steps 3 and 6 (count % 3 == 0), from those steps' data.
+  assert seen[0] == seen[1] == [0, 0, 1]
+  assert seen[2] == seen[3] == seen[4] == [0, 0, 1]  # t=2 -> group 2
+  assert seen[5] == seen[6] == [0, 0, 1]  # t=5 -> group 2
+  assert [pol.may_change(t) for t in range(7)] == [
+      True, False, False, True, False, False, True]
+  pol = optax_sam.reselect_every(optax_sam.top_k(1), 2)
+  s = pol.init(3, None)
+  s = pol.update(s, _stats([1.0, 0.0, 0.0]))
+  assert _sel(s) == [0, 0, 1]
+  s = pol.update(s, _stats([0.0, 1.0, 0.0]))
+  assert _sel(s) == [0, 1, 0]
+
+
+def test_random_k_deterministic_and_jittable():
+  pol = optax_sam.random_k(2)
+  s0 = pol.init(5, jax.random.PRNGKey(3))
+  upd = jax.jit(pol.update)
+  a, b = s0, s0
+  for _ in range(5):
+    a, b = upd(a, _stats(np.ones(5))), pol.update(b, _stats(np.ones(5)))
+    assert sum(_sel(a)) == 2 and _sel(a) == _sel(b)
+  with pytest.raises(ValueError, match="k must be"):
+    optax_sam.random_k(6).init(5, None)
+
+
+def _np_bandit_probs(probs, selected, sq, eta, fraction):
+  """The SL-SAM update of the probabilities, in plain numpy."""
+  probs = np.asarray(probs, np.float64)
+  sel = np.asarray(selected, bool)
+  reward = np.where(sel, np.asarray(sq) / probs, 0.0)
+  best = reward[sel].max()
+  w = np.where(sel, probs * np.exp(-eta * (best - reward) / probs), probs)
+  target = fraction * len(probs)
+  p = w / w.sum() * target
+  for _ in range(3):
+    p = np.minimum(p, 1.0)
+    free = p < 1.0
+    p = np.where(free, p * (target - p[~free].sum()) / p[free].sum(), p)
+  return np.clip(p, 1e-3, 1.0)
+
+
+def test_bandit_update_matches_numpy():
+  fraction, eta = 0.5, 0.1
+  pol = optax_sam.bandit(fraction, eta)
+  s = pol.init(4, jax.random.PRNGKey(0))
+  np.testing.assert_allclose(s.score, [0.5] * 4)
+  sq = np.array([4.0, 1.0, 0.25, 2.0], np.float32)
+  for _ in range(4):
+    expected = _np_bandit_probs(s.score, s.selection, sq, eta, fraction)
+    s = pol.update(s, _stats(sq))
+    np.testing.assert_allclose(s.score, expected, rtol=1e-5)
+    assert sum(_sel(s)) >= 1
+    np.testing.assert_allclose(np.sum(s.score), fraction * 4, rtol=1e-4)
+
+
+def test_bandit_learns_large_norm_layer():
+  pol = optax_sam.bandit(0.25, eta=1.0, scale_invariant=True)
+  s = pol.init(8, jax.random.PRNGKey(1))
+  upd = jax.jit(pol.update)
+  sq = np.array([0.1] * 7 + [10.0], np.float32)
+  picks = np.zeros(8)
+  for _ in range(200):
+    s = upd(s, _stats(sq))
+    picks += np.asarray(s.selection)
+  assert np.argmax(np.asarray(s.score)) == 7
+  assert picks[7] > 2 * picks[:7].mean()
+
+
+def test_bandit_deterministic_given_key():
+  pol = optax_sam.bandit(0.3, eta=0.5)
+  runs = []
+  for _ in range(2):
+    s = pol.init(6, jax.random.PRNGKey(7))
+    sels = []
+    for t in range(5):
+      s = pol.update(s, _stats(np.arange(6.0) + t))
+      sels.append(_sel(s))
+    runs.append(sels)
+  assert runs[0] == runs[1]
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: optax_sam.top_k(2, ema=1.0), "ema"),
+    (lambda: optax_sam.top_k(2, statistic="max"), "statistic"),
+    (lambda: optax_sam.reselect_every(optax_sam.top_k(1), 0), "every"),
+    (lambda: optax_sam.bandit(0.0), "fraction"),
+    (lambda: optax_sam.bandit(0.5, eta=-1.0), "eta"),
+])
+def test_bad_arguments(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+def test_top_k_larger_than_groups():
+  with pytest.raises(ValueError, match="k must be"):
+    optax_sam.top_k(3).init(2, None)

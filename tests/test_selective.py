@@ -1,0 +1,267 @@
+"""The selection engine: selective_sam with every executor.
+
+* against an independent numpy reference (the 2-layer MLP of reference.py)
+  for a top-k policy, C1 and C2, with and without jit;
+* every executor gives the same updates as the dense reference for the same
+  selection sequence (deep MLP, changing selections, bandit + restricted
+  descent);
+* no recompilation after warm-up under ``lax.switch``; the specialising loop
+  compiles once per distinct subset;
+* compiled FLOPs per branch equal the static subset's;
+* identical selections on 8 simulated devices.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_sam
+import reference
+from _util import assert_trees_close, jax_loss, setup, to_jax
+
+LR, MOM, RHO = 0.1, 0.9, 0.05
+LAYERS = ("hidden", "out")
+
+
+def _np_selective(p, x, y, steps, k, restrict_descent):
+  """Top-k by the last descent gradient's layer norms; initial: last k."""
+  p = reference.tmap(lambda a: a.astype(np.float64), p)
+  trace = reference.tmap(np.zeros_like, p)
+  selected = LAYERS[len(LAYERS) - k:]
+  out, sels = [], []
+  for _ in range(steps):
+    sels.append(tuple(selected))
+    g = reference.sam_gradient(p, [(x, y)], RHO, layers=selected)
+    if restrict_descent:
+      g = {name: {n: (v if name in selected else np.zeros_like(v))
+                  for n, v in g[name].items()} for name in g}
+    norms = [np.sqrt(sum(np.sum(v ** 2) for v in g[n].values()))
+             for n in LAYERS]
+    order = sorted(range(len(LAYERS)), key=lambda i: (norms[i], i))
+    selected = tuple(LAYERS[i] for i in sorted(order[len(LAYERS) - k:]))
+    trace = reference.tmap(lambda gg, t: gg + MOM * t, g, trace)
+    p = reference.tmap(lambda a, t: a - LR * t, p, trace)
+    out.append(p)
+  return out, sels
+
+
+def _run(tx, p, x, y, steps, path, jit):
+  params, state = to_jax(p), tx.init(to_jax(p))
+  if path == "c2":
+    step = optax_sam.make_update(tx, jax_loss)
+  else:
+    def step(q, st, xb, yb):
+      g = jax.grad(jax_loss)(q, xb, yb)
+      u, st = tx.update(g, st, q,
+                        grad_fn=lambda w, i: jax.grad(jax_loss)(w, xb, yb))
+      return (None, None), u, st
+  if jit:
+    step = jax.jit(step)
+  out, sels = [], []
+  for _ in range(steps):
+    _, u, state = step(params, state, x, y)
+    params = optax.apply_updates(params, u)
+    out.append(params)
+    sels.append(np.asarray(state.last_selection))
+  return out, sels, state
+
+
+@pytest.mark.parametrize("executor, restrict_descent, path, jit", [
+    ("dense", False, "c2", True), ("switch", False, "c2", True),
+    ("switch", False, "c2", False), ("switch", False, "c1", True),
+    ("dense", True, "c2", True), ("switch", True, "c1", True)])
+def test_matches_numpy_reference(executor, restrict_descent, path, jit):
+  p, x, y = setup(0)
+  tx = optax_sam.selective_sam(
+      optax.sgd(LR, momentum=MOM), optax_sam.top_k(1), rho=RHO,
+      executor=executor, restrict_descent=restrict_descent)
+  got, sels, _ = _run(tx, p, x, y, 6, path, jit)
+  want, want_sels = _np_selective(p, x, y, 6, 1, restrict_descent)
+  names = [tuple(n for n, f in zip(LAYERS, s) if f) for s in sels]
+  assert names == want_sels
+  if not restrict_descent:  # (restricted: unobserved layers keep no score)
+    assert len(set(want_sels)) > 1, "the reference should change selection"
+  for a, b in zip(got, want):
+    assert_trees_close(a, b, rtol=2e-5, atol=2e-6)
+
+
+def test_all_layers_equals_sam():
+  p, x, y = setup(0)
+  sel = optax_sam.selective_sam(optax.sgd(LR, momentum=MOM),
+                                optax_sam.top_k(2), rho=RHO)
+  full = optax_sam.sam(optax.sgd(LR, momentum=MOM), rho=RHO)
+  a, _, _ = _run(sel, p, x, y, 4, "c2", True)
+  b = []
+  params, state = to_jax(p), full.init(to_jax(p))
+  step = jax.jit(optax_sam.make_update(full, jax_loss))
+  for _ in range(4):
+    _, u, state = step(params, state, x, y)
+    params = optax.apply_updates(params, u)
+    b.append(params)
+  for u, v in zip(a, b):
+    assert_trees_close(u, v, rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------- deep MLP, all executors
+
+DEPTH, WIDTH = 6, 16
+
+
+def _deep():
+  keys = jax.random.split(jax.random.PRNGKey(0), DEPTH + 1)
+  params = {f"layer{i}": {"w": jax.random.normal(k, (WIDTH, WIDTH)) / 4,
+                          "b": jnp.zeros(WIDTH)}
+            for i, k in enumerate(keys[:DEPTH])}
+
+  def loss(q, xb, yb):
+    h = xb
+    for i in range(DEPTH):
+      h = h @ q[f"layer{i}"]["w"] + q[f"layer{i}"]["b"]
+      if i < DEPTH - 1:
+        h = jnp.tanh(h)
+    return jnp.mean(jnp.square(h - yb))
+
+  x = jax.random.normal(keys[-1], (32, WIDTH))
+  return params, loss, x, jnp.sin(x)
+
+
+def _train(executor, policy, restrict_descent, steps=10):
+  params, loss, x, y = _deep()
+  tx = optax_sam.selective_sam(optax.sgd(0.1, momentum=0.9), policy,
+                               executor=executor,
+                               restrict_descent=restrict_descent)
+  state = tx.init(params)
+  if executor == "specialize":
+    step = optax_sam.SpecializedStep(tx, loss, policy=policy)
+  else:
+    step = jax.jit(optax_sam.make_update(tx, loss))
+  sels = []
+  for _ in range(steps):
+    (_, _), u, state = step(params, state, x, y)
+    params = optax.apply_updates(params, u)
+    sels.append(np.asarray(state.last_selection).astype(int).tolist())
+  return params, sels, state, step
+
+
+POLICIES = {
+    "top2_every3": lambda: optax_sam.reselect_every(optax_sam.top_k(2), 3),
+    "bandit": lambda: optax_sam.bandit(0.3, eta=1.0, scale_invariant=True),
+    "random2": lambda: optax_sam.random_k(2),
+}
+
+
+@pytest.mark.parametrize("policy, restrict_descent", [
+    ("top2_every3", False), ("bandit", True), ("random2", False)])
+def test_executors_equal_dense(policy, restrict_descent):
+  ref, ref_sels, _, _ = _train("dense", POLICIES[policy](), restrict_descent)
+  assert len({tuple(s) for s in ref_sels}) > 1
+  for ex in ("switch", "specialize"):
+    got, sels, _, _ = _train(ex, POLICIES[policy](), restrict_descent)
+    assert sels == ref_sels
+    assert_trees_close(got, ref, rtol=1e-6, atol=1e-7)
+
+
+def test_no_recompilation_under_switch_and_branch_counts():
+  _, sels, state, step = _train("switch", POLICIES["random2"](), False, 12)
+  assert step._cache_size() == 1  # pylint: disable=protected-access
+  counts = np.asarray(state.branch_counts)
+  assert counts.sum() == 12 and len(counts) == DEPTH
+  # The depth menu's branch j covers groups L-1-j..L-1: the lowest selected
+  # group decides the branch.
+  lowest = [DEPTH - 1 - min(i for i, f in enumerate(s) if f) for s in sels]
+  np.testing.assert_array_equal(np.bincount(lowest, minlength=DEPTH), counts)
+  assert 0.0 < float(state.ascent_active) <= 1.0
+  assert float(state.descent_active) == 1.0
+
+
+def test_specialized_step_compiles_once_per_subset():
+  _, sels, _, step = _train("specialize", POLICIES["top2_every3"](), False,
+                            10)
+  distinct = {tuple(s) for s in sels}
+  assert step.compilations == len(distinct)
+  assert set(step.selections) == {tuple(bool(f) for f in s)
+                                  for s in distinct}
+
+
+def test_specialize_without_driver_errors():
+  params, loss, x, y = _deep()
+  tx = optax_sam.selective_sam(optax.sgd(0.1), optax_sam.top_k(1),
+                               executor="specialize")
+  with pytest.raises(ValueError, match="SpecializedStep"):
+    optax_sam.make_update(tx, loss)(params, tx.init(params), x, y)
+
+
+def _flops(fn, *args):
+  ca = jax.jit(fn).lower(*args).compile().cost_analysis()
+  return (ca[0] if isinstance(ca, (list, tuple)) else ca)["flops"]
+
+
+def test_branch_flops_match_static_subset():
+  params, loss, x, y = _deep()
+  groups = optax_sam.layer_groups(params)
+  tx = optax_sam.selective_sam(optax.sgd(0.1), optax_sam.top_k(2),
+                               executor="specialize")
+  state = tx.init(params)
+  update = optax_sam.make_update(tx, loss)
+
+  def branch(flags):
+    return _flops(lambda p, s, a, b: update(p, s, a, b,
+                                            static_selection=flags),
+                  params, state, x, y)
+
+  def static(names):
+    st = optax_sam.sam(optax.sgd(0.1), perturb=groups.mask(names))
+    return _flops(optax_sam.make_update(st, loss), params, st.init(params),
+                  x, y)
+
+  full = branch((True,) * DEPTH)
+  last2 = branch((False,) * (DEPTH - 2) + (True, True))
+  # The dynamic step's extras (masks, per-layer norms, the policy) are small.
+  assert last2 == pytest.approx(static([-2, -1]), rel=0.05)
+  assert full == pytest.approx(static(list(range(DEPTH))), rel=0.05)
+  assert last2 < 0.75 * full
+
+
+def test_bad_input():
+  with pytest.raises(TypeError, match="Policy"):
+    optax_sam.selective_sam(optax.sgd(0.1), "top2")
+  with pytest.raises(ValueError, match="executor"):
+    optax_sam.selective_sam(optax.sgd(0.1), optax_sam.top_k(1),
+                            executor="magic")
+  with pytest.raises(ValueError, match="rho"):
+    optax_sam.selective_sam(optax.sgd(0.1), optax_sam.top_k(1), rho=0.0)
+  with pytest.raises(ValueError, match="k must be"):
+    optax_sam.selective_sam(optax.sgd(0.1), optax_sam.top_k(3)).init(
+        to_jax(setup(0)[0]))
+
+
+# ------------------------------------------------------ 8 devices (pmap)
+
+
+def test_pmap_identical_selections():
+  n = 8
+  if jax.device_count() < n:
+    pytest.skip("needs 8 devices")
+  params, loss, x, y = _deep()
+  policy = optax_sam.bandit(0.3, eta=1.0, scale_invariant=True)
+  tx = optax_sam.selective_sam(optax.sgd(0.1), policy, axis_name="d",
+                               restrict_descent=True)
+  rep = lambda t: jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape),
+                               t)
+  step = jax.pmap(optax_sam.make_update(tx, loss), axis_name="d")
+  p, s = rep(params), rep(tx.init(params))
+  xs = x.reshape(n, -1, WIDTH)
+  ys = y.reshape(n, -1, WIDTH)
+  seen = []
+  for _ in range(6):
+    _, u, s = step(p, s, xs, ys)
+    p = optax.apply_updates(p, u)
+    sel = np.asarray(s.policy.selection)
+    assert (sel == sel[0]).all(), "selections differ across devices"
+    seen.append(tuple(sel[0]))
+    for leaf in jax.tree.leaves(p):
+      np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[0],
+                                                          leaf.shape))
+  assert len(set(seen)) > 1
