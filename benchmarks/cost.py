@@ -34,11 +34,13 @@ class Problem(NamedTuple):
   has_aux: bool
   batch: tuple[Any, ...]
   groups: optax_sam.LayerGroups
+  labels: Any = None  # layer labels used for ``groups`` (None: default)
 
 
 def mlp_problem(depth: int = 8, width: int = 256, batch: int = 128,
-                seed: int = 0) -> Problem:
+                seed: int = 0, image: Any = None) -> Problem:
   """A deep tanh MLP on random data (cost does not depend on the data)."""
+  del image
   keys = jax.random.split(jax.random.PRNGKey(seed), depth + 1)
   params = {f"layer{i}": {"w": jax.random.normal(k, (width, width))
                           / np.sqrt(width), "b": jnp.zeros(width)}
@@ -57,11 +59,12 @@ def mlp_problem(depth: int = 8, width: int = 256, batch: int = 128,
                  optax_sam.layer_groups(params))
 
 
-def cnn_problem(batch: int = 128, seed: int = 0) -> Problem:
-  """The small Flax CNN (6 conv + 2 dense) on 32x32x3 inputs."""
+def cnn_problem(batch: int = 128, seed: int = 0,
+                image: tuple[int, int, int] = (32, 32, 3)) -> Problem:
+  """The small Flax CNN (6 conv + 2 dense) on ``image``-shaped inputs."""
   from optax_sam.models.vision import SmallCNN  # pylint: disable=g-import-not-at-top
   model = SmallCNN(num_classes=10)
-  x = jax.random.normal(jax.random.PRNGKey(seed + 1), (batch, 32, 32, 3))
+  x = jax.random.normal(jax.random.PRNGKey(seed + 1), (batch, *image))
   y = jnp.arange(batch) % 10
   params = model.init(jax.random.PRNGKey(seed), x[:1])["params"]
 
@@ -73,7 +76,68 @@ def cnn_problem(batch: int = 128, seed: int = 0) -> Problem:
                  optax_sam.layer_groups(params))
 
 
-PROBLEMS = {"mlp": mlp_problem, "cnn": cnn_problem}
+def block_label(path: tuple[str, ...]) -> str:
+  """ResNet layer = residual block (``stage2_block1``), stem or head."""
+  return path[0]
+
+
+def resnet18_problem(batch: int = 128, seed: int = 0,
+                     image: tuple[int, int, int] = (32, 32, 3),
+                     width: int = 64) -> Problem:
+  """ResNet-18 (CIFAR form, BatchNorm); layers are residual blocks.
+
+  ``loss_fn(params, batch_stats, x, y) -> (loss, new_batch_stats)``, so the
+  batch is ``(batch_stats, x, y)`` and ``has_aux`` is True.
+  """
+  from optax_sam.models.vision import ResNet18  # pylint: disable=g-import-not-at-top
+  model = ResNet18(num_classes=10, width=width)
+  x = jax.random.normal(jax.random.PRNGKey(seed + 1), (batch, *image))
+  y = jnp.arange(batch) % 10
+  variables = model.init(jax.random.PRNGKey(seed), x[:1])
+  params, stats = variables["params"], variables["batch_stats"]
+
+  def loss_fn(p, s, xb, yb):
+    logits, new = model.apply({"params": p, "batch_stats": s}, xb,
+                              train=True, mutable=["batch_stats"])
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, yb).mean()
+    return loss, new["batch_stats"]
+
+  return Problem("resnet18", params, loss_fn, True, (stats, x, y),
+                 optax_sam.layer_groups(params, labels=block_label),
+                 block_label)
+
+
+def batches_for(problem: Problem, data: str, batch: int, seed: int):
+  """``t -> batch args`` for training ``problem`` on ``data``.
+
+  ``"random"``: the problem's fixed batch (cost does not depend on data).
+  ``"fashion_mnist"``: shuffled Fashion-MNIST training batches (needs the
+  Debian package ``dataset-fashion-mnist`` or ``FASHION_MNIST_DIR``).
+  """
+  prefix = problem.batch[:-2]  # e.g. BatchNorm statistics
+  if data == "random":
+    return lambda t: problem.batch
+  if data != "fashion_mnist":
+    raise ValueError(f"unknown data {data!r}")
+  from benchmarks import data as data_lib  # pylint: disable=g-import-not-at-top
+  (x, y), _ = data_lib.load_fashion_mnist()
+  rng = np.random.default_rng(seed)
+  per_epoch = len(x) // batch
+  perm = rng.permutation(len(x))
+
+  def get(t):
+    nonlocal perm
+    i = t % per_epoch
+    if i == 0 and t:
+      perm = rng.permutation(len(x))
+    idx = perm[i * batch:(i + 1) * batch]
+    return (*prefix, jnp.asarray(x[idx]), jnp.asarray(y[idx]))
+
+  return get
+
+
+PROBLEMS = {"mlp": mlp_problem, "cnn": cnn_problem,
+            "resnet18": resnet18_problem}
 
 
 def core_methods(problem: Problem) -> dict[str, optax.GradientTransformation]:
@@ -96,8 +160,8 @@ def train_step_fn(tx, problem: Problem):
   """A full training step: both passes, optimizer, apply_updates."""
   step = optax_sam.make_update(tx, problem.loss_fn, has_aux=problem.has_aux)
 
-  def train_step(params, state, *batch):
-    (loss, _), updates, state = step(params, state, *batch)
+  def train_step(params, state, *batch, **extra_args):
+    (loss, _), updates, state = step(params, state, *batch, **extra_args)
     return optax.apply_updates(params, updates), state, loss
 
   return train_step
