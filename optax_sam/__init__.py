@@ -19,6 +19,9 @@ from optax_sam._src.groups import layer_groups
 from optax_sam._src.groups import mask_fraction
 from optax_sam._src.groups import mask_from_names
 from optax_sam._src.groups import natural_order
+from optax_sam._src.layerwise import lagnp
+from optax_sam._src.layerwise import layerwise_policy
+from optax_sam._src.layerwise import layerwise_sam
 from optax_sam._src.perturb import asam_perturbation
 from optax_sam._src.policies import LayerStats
 from optax_sam._src.policies import Policy
@@ -62,7 +65,10 @@ __all__ = (
     "bandit",
     "depth_menu",
     "fixed",
+    "lagnp",
     "layer_groups",
+    "layerwise_policy",
+    "layerwise_sam",
     "make_update",
     "mask_fraction",
     "mask_from_names",

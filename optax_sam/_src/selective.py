@@ -96,6 +96,7 @@ def selective_sam(
     perturbation: Optional[optax.GradientTransformation] = None,
     executor: Union[str, executors_lib.Executor, None] = "switch",
     restrict_descent: bool = False,
+    alpha: float = 1.0,
     labels: groups_lib.Labels = None,
     order: Any = None,
     axis_name: Optional[str] = None,
@@ -125,6 +126,9 @@ def selective_sam(
       or an :class:`optax_sam.Executor`.
     restrict_descent: also restrict the descent pass to the selected layers
       (SL-SAM); unselected layers then get a zero gradient for the step.
+    alpha: on the selected layers the descent gradient is
+      ``(1 - alpha) * g + alpha * g_adv`` (``g`` from the clean pass,
+      ``g_adv`` at ``w + eps``); 1 is SAM. Other layers use ``g_adv``.
     labels: layer labels (see :func:`optax_sam.layer_groups`).
     order: group order (see :func:`optax_sam.layer_groups`); the depth menu
       assumes input side first.
@@ -146,6 +150,8 @@ def selective_sam(
   if sync_ascent and axis_name is None:
     raise ValueError("sync_ascent=True needs an axis_name.")
   ex = executors_lib.get_executor(executor)
+  if not 0.0 <= alpha <= 1.0:
+    raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
 
   def groups_of(params):
     return groups_lib.layer_groups(params, labels, order)
@@ -196,6 +202,11 @@ def selective_sam(
       else:
         g_sam = oracle.perturbed(w_adv, 0)
         descent = 1.0
+      if alpha != 1.0:  # mix on the selected layers (g is 0 elsewhere)
+        g_sam = jax.tree.map(
+            lambda ga, gc, s, m: (jnp.where(s, (1 - alpha) * gc + alpha * ga,
+                                            ga) if m else ga),
+            g_sam, g, leaf_sel, superset)
       active = (jnp.float32(_fraction(flags, groups.sizes)),
                 jnp.float32(descent))
       return value, g_sam, pert_state, active
