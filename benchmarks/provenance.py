@@ -37,8 +37,14 @@ def provenance(seeds: Any = None) -> dict[str, Any]:
   """Command, commit, versions, device and date of this run."""
   import jax  # pylint: disable=g-import-not-at-top
   devices = jax.devices()
+  argv0 = sys.argv[0] if sys.argv else ""
+  if argv0.endswith(".py") and os.path.dirname(os.path.abspath(argv0)) == (
+      os.path.dirname(os.path.abspath(__file__))):
+    command = ["python", "-m", "benchmarks." + os.path.basename(argv0)[:-3]]
+  else:
+    command = [os.path.basename(sys.executable), argv0]
   return {
-      "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+      "command": " ".join(command + sys.argv[1:]),
       "git_commit": git_commit(),
       "versions": {p: _version(p) for p in
                    ("jax", "jaxlib", "optax", "chex", "flax", "numpy")},

@@ -1,0 +1,108 @@
+"""Methods by name, for the benchmark harness.
+
+A method is built from the base optimizer (the same for every method in a
+run) and keyword hyper-parameters. Names registered here carry the defaults
+used in the recorded figures; any other name is looked up in ``optax_sam``
+(``optax_sam.<name>(base, **hparams)``), so a new method plugs in without
+editing the harness.
+
+Methods whose executor needs the host loop (``specialize``) return their
+selection policy too; the harness then drives them with
+``optax_sam.SpecializedStep``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple, Optional
+
+import optax
+
+import optax_sam
+
+
+class Method(NamedTuple):
+  tx: optax.GradientTransformationExtraArgs
+  policy: Optional[optax_sam.Policy] = None  # set: drive with SpecializedStep
+  hparams: dict[str, Any] = {}
+
+
+_REGISTRY: dict[str, Callable[..., Method]] = {}
+
+
+def register(name: str):
+  """Decorator: ``@register("name") def build(base, **hparams) -> Method``."""
+  def wrap(fn):
+    _REGISTRY[name] = fn
+    return fn
+  return wrap
+
+
+@register("sgd")
+def _sgd(base, **hp):
+  return Method(optax_sam.plain(base), None, hp)
+
+
+@register("sam")
+def _sam(base, rho=0.05, **hp):
+  return Method(optax_sam.sam(base, rho=rho, **hp), None, dict(rho=rho, **hp))
+
+
+@register("asam")
+def _asam(base, rho=0.5, eta=0.01, **hp):
+  return Method(optax_sam.asam(base, rho=rho, eta=eta, **hp), None,
+                dict(rho=rho, eta=eta, **hp))
+
+
+@register("layerwise_sam")
+def _layerwise(base, rho=0.05, num_layers=2, interval=100,
+               executor="specialize", labels=None, **hp):
+  # On CPU, convolution gradients inside lax.switch are slow (README), so
+  # the benchmark drives the 'specialize' executor from the host loop.
+  tx = optax_sam.layerwise_sam(base, rho=rho, num_layers=num_layers,
+                               interval=interval, executor=executor,
+                               labels=labels, **hp)
+  policy = (optax_sam.layerwise_policy(num_layers, interval)
+            if executor == "specialize" else None)
+  return Method(tx, policy, dict(rho=rho, num_layers=num_layers,
+                                 interval=interval, executor=executor, **hp))
+
+
+_REGISTRY["lagnp"] = _REGISTRY["layerwise_sam"]
+
+
+def names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+def build(name: str, base: optax.GradientTransformation,
+          labels: Any = None, **hparams) -> Method:
+  """The method ``name`` around ``base`` (see the module docstring)."""
+  if name in _REGISTRY:
+    if name in ("layerwise_sam", "lagnp"):
+      hparams.setdefault("labels", labels)
+    return _REGISTRY[name](base, **hparams)
+  factory = getattr(optax_sam, name, None)
+  if factory is None or not callable(factory):
+    raise ValueError(f"unknown method {name!r}: registered {names()}, or a "
+                     "factory of optax_sam.")
+  return Method(factory(base, **hparams), None, dict(hparams))
+
+
+def parse_hparams(spec: str) -> dict[str, dict[str, Any]]:
+  """``"sam:rho=0.1,asam:rho=1.0"`` -> ``{"sam": {"rho": 0.1}, ...}``."""
+  out: dict[str, dict[str, Any]] = {}
+  for item in filter(None, (s.strip() for s in spec.split(","))):
+    method, _, kv = item.partition(":")
+    key, _, value = kv.partition("=")
+    if not key or not value:
+      raise ValueError(f"bad hyper-parameter {item!r}; use method:key=value.")
+    try:
+      parsed: Any = int(value)
+    except ValueError:
+      try:
+        parsed = float(value)
+      except ValueError:
+        parsed = value
+    out.setdefault(method, {})[key] = parsed
+  return out

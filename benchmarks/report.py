@@ -1,0 +1,179 @@
+"""Tables and plots from ``benchmarks/results/*.json`` (never typed by hand).
+
+``python -m benchmarks.report`` writes ``benchmarks/results/REPORT.md``, a
+PNG per benefit result (accuracy vs training wall time, FLOPs ratio bars),
+and replaces the block between ``<!-- results:start -->`` and
+``<!-- results:end -->`` in README.md with the generated tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+from typing import Any
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+README = os.path.join(os.path.dirname(HERE), "README.md")
+START, END = "<!-- results:start -->", "<!-- results:end -->"
+
+
+def _fmt(x, spec=".3f", none="-"):
+  return none if x is None else format(x, spec)
+
+
+def _provenance_line(prov: dict[str, Any]) -> str:
+  d = prov.get("device", {})
+  v = prov.get("versions", {})
+  return (f"_{prov.get('date', '?')}, commit `{str(prov.get('git_commit'))[:12]}`"
+          f", {d.get('platform', '?')} ({d.get('kind', '?')}, "
+          f"{d.get('cpu_count', '?')} CPU cores), jax {v.get('jax')}, "
+          f"seeds {prov.get('seeds')}; command: `{prov.get('command')}`_")
+
+
+def benefit_tables(name: str, res: dict[str, Any]) -> list[str]:
+  out = [f"### `{name}.json` (preset `{res.get('preset')}`)", "",
+         _provenance_line(res["provenance"]), ""]
+  for task, r in res["results"].items():
+    t = r["task"]
+    out += [f"**{task}**: {t.get('epochs')} epochs, batch {t.get('batch')}, "
+            f"SGD momentum 0.9, lr {t.get('lr')} cosine, weight decay "
+            f"{t.get('weight_decay')}; mean ± std over seeds.", "",
+            "| method | FLOPs/SGD | step time/SGD | test acc | Δ acc vs SGD "
+            "(paired) | train time/SGD | acc at SGD's time | grad norm | "
+            "top Hessian eig |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for m, s in r["summary"].items():
+      c = r["cost"].get(m, {})
+      out.append(
+          f"| {m} | {_fmt(c.get('flops_ratio'), '.2f')} | "
+          f"{_fmt(c.get('time_ratio'), '.2f')} | "
+          f"{_fmt(s['test_acc'], '.4f')} ± {_fmt(s['test_acc_std'], '.4f')} | "
+          f"{_fmt(s.get('acc_minus_sgd'), '+.4f')} ± "
+          f"{_fmt(s.get('acc_minus_sgd_std'), '.4f')} | "
+          f"{_fmt(s.get('train_time_ratio'), '.2f')} | "
+          f"{_fmt(s.get('acc_at_sgd_budget'), '.4f')} | "
+          f"{_fmt(s['grad_norm'], '.3f')} | "
+          f"{_fmt(s['hessian_top_eig'], '.2f')} |")
+    out.append("")
+  return out
+
+
+def cost_tables(name: str, res: dict[str, Any]) -> list[str]:
+  out = [f"### `{name}.json`", "", _provenance_line(res["provenance"]), ""]
+  for model, r in res["results"].items():
+    out += [f"**{model}** ({r.get('param_count', '?')} parameters)", "",
+            "| method | FLOPs/SGD step | FLOPs/SGD gradient | wall time/SGD "
+            "| ms/step | compilations |", "|---|---|---|---|---|---|"]
+    for m, row in r["methods"].items():
+      out.append(f"| {m} | {row['flops_ratio']:.3f} | "
+                 f"{row['flops_per_sgd_grad']:.3f} | {row['time_ratio']:.3f} "
+                 f"| {1e3 * row['step_s']:.1f} | {row['compilations']} |")
+    out.append("")
+  return out
+
+
+def selection_tables(name: str, res: dict[str, Any]) -> list[str]:
+  out = [f"### `{name}.json`", "", _provenance_line(res["provenance"]), ""]
+  for model, r in res["results"].items():
+    f, w = r["flops"], r["wall"]
+    out += [f"**{model}**: top-{r['k']} of {len(r['groups'])} layer groups, "
+            f"re-selected every {r['every']} steps, {r['steps']} steps; "
+            f"selections: {', '.join(r['selections'])}", "",
+            "| executor | amortized FLOPs/SGD | FLOPs/static | "
+            "wall/SGD | wall/static | steps timed |", "|---|---|---|---|---|---|"]
+    for m in ("static", "switch", "specialize"):
+      fl = f["amortized_ratio_to_sgd"][m]
+      out.append(f"| {m} | {fl:.3f} | "
+                 f"{fl / f['amortized_ratio_to_sgd']['static']:.3f} | "
+                 f"{w['mean_ratio_to_sgd'][m]:.3f} | "
+                 f"{w['mean_ratio_to_static'][m]:.3f} | "
+                 f"{w['steps_timed'][m]} |")
+    c = r["compile"]
+    out += ["", f"switch: {c['switch_num_branches']} branches compiled once in "
+            f"{c['switch_compile_s']:.1f} s; specialize: "
+            f"{c['specialize_compilations']} programs.", ""]
+  return out
+
+
+def plot_benefit(name: str, res: dict[str, Any]) -> list[str]:
+  try:
+    import matplotlib  # pylint: disable=g-import-not-at-top
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return []
+  paths = []
+  for task, r in res["results"].items():
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for m in r["summary"]:
+      runs = [x for x in r["runs"] if x["method"] == m]
+      epochs = len(runs[0]["history"])
+      t = [sum(x["history"][e]["train_time_s"] for x in runs) / len(runs)
+           for e in range(epochs)]
+      a = [sum(x["history"][e]["test_acc"] for x in runs) / len(runs)
+           for e in range(epochs)]
+      ax1.plot(t, a, marker="o", label=m)
+    ax1.set_xlabel("training wall time (s, mean over seeds)")
+    ax1.set_ylabel("test accuracy")
+    ax1.set_title(task)
+    ax1.legend(fontsize=8)
+    names = list(r["cost"])
+    ax2.bar(names, [r["cost"][m].get("flops_ratio", 0) for m in names])
+    ax2.axhline(1.0, color="k", lw=0.8)
+    ax2.set_ylabel("compiled FLOPs per step / SGD")
+    ax2.tick_params(axis="x", rotation=30, labelsize=8)
+    fig.tight_layout()
+    path = os.path.join(RESULTS, f"{name}_{task}.png")
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    paths.append(path)
+  return paths
+
+
+def build(results_dir: str = RESULTS) -> tuple[str, list[str]]:
+  md, images = ["## Results (generated by `python -m benchmarks.report`)", ""], []
+  for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
+    name = os.path.splitext(os.path.basename(path))[0]
+    with open(path) as f:
+      res = json.load(f)
+    if res.get("preset") == "tiny":
+      continue  # proves the harness; never quoted
+    if "preset" in res:
+      md += benefit_tables(name, res)
+      for p in plot_benefit(name, res):
+        rel = os.path.relpath(p, os.path.dirname(README))
+        md += [f"![{name}]({rel})", ""]
+        images.append(p)
+    elif name.startswith("selection"):
+      md += selection_tables(name, res)
+    elif "results" in res and all("methods" in r
+                                  for r in res["results"].values()):
+      md += cost_tables(name, res)
+  return "\n".join(md), images
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--no-readme", action="store_true")
+  args = parser.parse_args(argv)
+  text, images = build()
+  with open(os.path.join(RESULTS, "REPORT.md"), "w") as f:
+    f.write(text + "\n")
+  if not args.no_readme and os.path.exists(README):
+    with open(README) as f:
+      readme = f.read()
+    if START in readme and END in readme:
+      head, rest = readme.split(START, 1)
+      _, tail = rest.split(END, 1)
+      with open(README, "w") as f:
+        f.write(head + START + "\n" + text + "\n" + END + tail)
+  print(text)
+  print(f"\nwrote {os.path.join(RESULTS, 'REPORT.md')} and {len(images)} "
+        "plot(s)")
+
+
+if __name__ == "__main__":
+  main()

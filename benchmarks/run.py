@@ -1,0 +1,249 @@
+"""The benchmark entry point: what each method costs and what it buys.
+
+``python -m benchmarks.run --preset quick --methods sgd,sam,asam,...``
+
+For each task of the preset it measures, next to SGD and with the same base
+optimizer (SGD, momentum 0.9, cosine schedule, weight decay) and data order:
+
+* cost: compiled FLOPs of one training step and its ratio to SGD, temporary
+  memory, optimizer-state bytes, and wall time per step with all methods
+  interleaved in one process (``benchmarks/cost.py``);
+* benefit: test accuracy after the same epochs (mean and std over seeds, and
+  the paired difference to SGD), training wall time, accuracy within SGD's
+  wall-clock budget, and the final whole-model gradient norm and top Hessian
+  eigenvalue (``benchmarks/train.py``).
+
+Presets: ``tiny`` (seconds; CI runs it to prove the harness, its numbers
+mean nothing), ``quick`` (< 10 minutes on 2 CPU cores; README's main
+command), ``full`` (the quoted figures). Results go to
+``benchmarks/results/<preset>.json`` with their provenance; ``python -m
+benchmarks.report`` turns them into tables and plots.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from typing import Any, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_sam
+from benchmarks import cost as cost_lib
+from benchmarks import methods as methods_lib
+from benchmarks import provenance
+from benchmarks import train as train_lib
+
+
+# ------------------------------------------------------------------ tasks
+
+
+def digits_task(epochs: int, noise: float = 0.2) -> train_lib.Task:
+  """scikit-learn digits (8x8), symmetric label noise on training labels."""
+  from benchmarks import data  # pylint: disable=g-import-not-at-top
+  from optax_sam.models.vision import MLP  # pylint: disable=g-import-not-at-top
+
+  def load(seed):
+    return data.load_digits(label_noise=noise, seed=seed)
+
+  return train_lib.Task(f"digits_noise{noise:g}", load,
+                        lambda: MLP(hidden=(128, 128)), epochs, 64, 0.05)
+
+
+def fashion_task(epochs: int, train_examples: Optional[int] = None,
+                 width: int = 16, batch: int = 128) -> train_lib.Task:
+  """Fashion-MNIST with the small CNN (Debian dataset-fashion-mnist)."""
+  from benchmarks import data  # pylint: disable=g-import-not-at-top
+  from optax_sam.models.vision import SmallCNN  # pylint: disable=g-import-not-at-top
+
+  cache = {}
+
+  def load(seed):
+    del seed  # the split is fixed; the seed orders batches and inits
+    if "d" not in cache:
+      (xtr, ytr), test = data.load_fashion_mnist()
+      if train_examples is not None:
+        xtr, ytr = xtr[:train_examples], ytr[:train_examples]
+      cache["d"] = ((xtr, ytr), test)
+    return cache["d"]
+
+  name = "fashion_mnist" + (f"_{train_examples}" if train_examples else "")
+  return train_lib.Task(name, load,
+                        lambda: SmallCNN(width=width, hidden=8 * width),
+                        epochs, batch, 0.05)
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {"tasks": lambda: [digits_task(2)], "seeds": [0],
+             "methods": "sgd,sam", "cost_rounds": 2},
+    "quick": {"tasks": lambda: [digits_task(40),
+                                fashion_task(3, train_examples=6000)],
+              "seeds": [0, 1, 2],
+              "methods": "sgd,sam,asam,layerwise_sam", "cost_rounds": 5},
+    "full": {"tasks": lambda: [fashion_task(5)], "seeds": [0, 1, 2],
+             "methods": "sgd,sam,asam,layerwise_sam", "cost_rounds": 10},
+}
+
+
+# ------------------------------------------------------------------- cost
+
+
+def _state_bytes(state) -> int:
+  return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(state)))
+
+
+def measure_cost(task: train_lib.Task, built: dict[str, methods_lib.Method],
+                 *, rounds: int, steps_per_round: int = 5) -> dict[str, Any]:
+  """Compiled FLOPs, memory, state bytes, interleaved wall time per step."""
+  (xtr, ytr), _ = task.load(0)
+  model = task.model()
+  x, y = jnp.asarray(xtr[:task.batch]), jnp.asarray(ytr[:task.batch])
+  params = model.init(jax.random.PRNGKey(0), x[:1])["params"]
+  loss_fn = train_lib.cross_entropy(model)
+  problem = cost_lib.Problem(task.name, params, loss_fn, False, (x, y),
+                             optax_sam.layer_groups(params,
+                                                    labels=task.labels),
+                             task.labels)
+  rows, steps, init = {}, {}, {}
+  for name, m in built.items():
+    state = m.tx.init(params)
+    fn = cost_lib.train_step_fn(m.tx, problem)
+    extra = {}
+    if m.policy is not None:  # cost at its first selection (output side)
+      sel = m.policy.init(problem.groups.num_groups, None).selection
+      extra["static_selection"] = tuple(bool(f) for f in np.asarray(sel))
+    bound = (lambda f, kw: lambda p, s, *b: f(p, s, *b, **kw))(fn, extra)
+    rows[name] = cost_lib.compiled_cost(bound, params, state, x, y)
+    rows[name]["state_bytes"] = _state_bytes(state)
+    if extra:
+      rows[name]["at_selection"] = [
+          n for n, f in zip(problem.groups.names,
+                            extra["static_selection"]) if f]
+    steps[name] = jax.jit(bound)
+    init[name] = (params, state)
+  times = cost_lib.interleaved_times(steps, init, (x, y), rounds=rounds,
+                                     steps_per_round=steps_per_round)
+  sgd = rows.get("sgd")
+  for name, row in rows.items():
+    row["step_s"] = times[name]["median_s"]
+    if sgd is not None:
+      row["flops_ratio"] = row["flops"] / sgd["flops"]
+      row["time_ratio"] = row["step_s"] / times["sgd"]["median_s"]
+      row["extra_state_bytes"] = row["state_bytes"] - sgd["state_bytes"]
+  return rows
+
+
+# ---------------------------------------------------------------- benefit
+
+
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
+  """Mean/std over seeds, paired differences to SGD, budget accuracy."""
+  by_method: dict[str, list[dict[str, Any]]] = {}
+  for r in runs:
+    by_method.setdefault(r["method"], []).append(r)
+  sgd = {r["seed"]: r for r in by_method.get("sgd", [])}
+  budget = (statistics.mean(r["train_time_s"] for r in sgd.values())
+            if sgd else None)
+
+  def ms(values):
+    values = [v for v in values if v is not None]
+    if not values:
+      return None, None
+    return (float(np.mean(values)),
+            float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
+
+  out = {}
+  for method, rs in by_method.items():
+    row = {"seeds": [r["seed"] for r in rs]}
+    for key in ("test_acc", "train_time_s", "grad_norm", "hessian_top_eig",
+                "train_loss_subset"):
+      row[key], row[key + "_std"] = ms([r[key] for r in rs])
+    if sgd:
+      diffs = [r["test_acc"] - sgd[r["seed"]]["test_acc"] for r in rs
+               if r["seed"] in sgd]
+      row["acc_minus_sgd"], row["acc_minus_sgd_std"] = ms(diffs)
+      ratios = [r["train_time_s"] / sgd[r["seed"]]["train_time_s"]
+                for r in rs if r["seed"] in sgd]
+      row["train_time_ratio"], _ = ms(ratios)
+      row["acc_at_sgd_budget"], _ = ms(
+          [train_lib.accuracy_at_budget(r, budget) for r in rs])
+    out[method] = row
+  return out
+
+
+def format_tables(task: str, cost: dict[str, Any],
+                  summary: dict[str, Any]) -> str:
+  lines = [f"\n{task}",
+           f"{'method':<15}{'FLOPs/SGD':>10}{'time/SGD':>9}"
+           f"{'test acc':>17}{'Δ vs SGD':>17}{'acc@SGD time':>13}"
+           f"{'|grad|':>8}{'λmax':>8}"]
+  for method, s in summary.items():
+    c = cost.get(method, {})
+    fr = f"{c['flops_ratio']:.2f}" if "flops_ratio" in c else "-"
+    tr = f"{c['time_ratio']:.2f}" if "time_ratio" in c else "-"
+    d = (f"{s['acc_minus_sgd']:+.4f}±{s['acc_minus_sgd_std']:.4f}"
+         if s.get("acc_minus_sgd") is not None else "-")
+    b = (f"{s['acc_at_sgd_budget']:.4f}"
+         if s.get("acc_at_sgd_budget") is not None else "-")
+    lines.append(f"{method:<15}{fr:>10}{tr:>9}"
+                 f"{s['test_acc']:>10.4f}±{s['test_acc_std']:.4f}{d:>17}"
+                 f"{b:>13}{s['grad_norm']:>8.3f}{s['hessian_top_eig']:>8.2f}")
+  return "\n".join(lines)
+
+
+def main(argv=None) -> dict[str, Any]:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
+  parser.add_argument("--methods", default=None,
+                      help="comma-separated; default: the preset's")
+  parser.add_argument("--seeds", default=None, help="e.g. 0,1,2")
+  parser.add_argument("--hparams", default="",
+                      help="per method, e.g. 'sam:rho=0.1,asam:rho=1.0'")
+  parser.add_argument("--name", default=None,
+                      help="results file name (default: the preset)")
+  parser.add_argument("--results-dir", default=None)
+  parser.add_argument("--no-write", action="store_true")
+  parser.add_argument("--no-progress", action="store_true")
+  args = parser.parse_args(argv)
+  preset = PRESETS[args.preset]
+  method_names = (args.methods or preset["methods"]).split(",")
+  if "sgd" not in method_names:
+    method_names = ["sgd"] + method_names
+  seeds = ([int(s) for s in args.seeds.split(",")] if args.seeds
+           else preset["seeds"])
+  hparams = methods_lib.parse_hparams(args.hparams)
+  results = {}
+  for task in preset["tasks"]():
+    built = {m: methods_lib.build(m, optax.sgd(0.01, momentum=0.9),
+                                  labels=task.labels, **hparams.get(m, {}))
+             for m in method_names}
+    cost = measure_cost(task, built, rounds=preset["cost_rounds"])
+    runs = []
+    for seed in seeds:
+      data = task.load(seed)
+      for m in method_names:
+        runs.append(train_lib.train(task, m, seed,
+                                    hparams=hparams.get(m, {}), data=data,
+                                    progress=not args.no_progress))
+    summary = summarize(runs)
+    task_info = {k: (v if not callable(v) else getattr(v, "__name__", "fn"))
+                 for k, v in task._asdict().items()
+                 if k not in ("load", "model")}
+    results[task.name] = {"task": task_info,
+                          "cost": cost, "summary": summary, "runs": runs}
+    print(format_tables(task.name, cost, summary), flush=True)
+  if not args.no_write:
+    path = provenance.write_result(
+        args.name or args.preset,
+        {"preset": args.preset, "methods": method_names,
+         "hparams": hparams, "results": results},
+        seeds=seeds, results_dir=args.results_dir)
+    print(f"\nwrote {path}")
+  return results
+
+
+if __name__ == "__main__":
+  main()

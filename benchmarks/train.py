@@ -1,0 +1,199 @@
+"""One training run of one method: accuracy, wall time, gradient norm, sharpness.
+
+Every method of a comparison gets the same data order (by seed), model
+initialisation (by seed), base optimizer and learning-rate schedule; only the
+transformation differs. Recorded per run:
+
+* test accuracy and cumulative training wall time after every epoch (so
+  accuracy at SGD's wall-clock budget can be read off);
+* the first step's time apart (it includes compilation) and the number of
+  programs compiled;
+* at the end: the whole-model gradient norm on a fixed training subset, and
+  the top Hessian eigenvalue on it (power iteration on Hessian-vector
+  products), the "mechanism" figures of BENCHMARKS.md;
+* for layer-selective methods, the selection every few steps and how often
+  each layer was selected.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_sam
+from benchmarks import methods as methods_lib
+
+try:
+  from tqdm.auto import tqdm  # pylint: disable=g-import-not-at-top
+except ImportError:
+  tqdm = None
+
+
+class Task(NamedTuple):
+  """A classification benchmark.
+
+  Attributes:
+    name: e.g. ``"fashion_mnist"``.
+    load: ``seed -> ((x_train, y_train), (x_test, y_test))`` numpy arrays.
+    model: ``() -> flax module`` mapping images to logits.
+    epochs: training epochs.
+    batch: batch size.
+    lr: peak learning rate (cosine decay to 0), SGD momentum 0.9.
+    weight_decay: decoupled into the base optimizer (same for all methods).
+    labels: layer labels for layer-selective methods (None: default).
+  """
+  name: str
+  load: Callable[[int], Any]
+  model: Callable[[], Any]
+  epochs: int
+  batch: int
+  lr: float
+  weight_decay: float = 5e-4
+  labels: Any = None
+
+
+def cross_entropy(model):
+  def loss_fn(params, x, y):
+    logits = model.apply({"params": params}, x)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+  return loss_fn
+
+
+def accuracy(model, params, x, y, batch: int = 1000) -> float:
+  predict = jax.jit(lambda p, xb: jnp.argmax(model.apply({"params": p}, xb),
+                                             -1))
+  correct = 0
+  for i in range(0, len(x), batch):
+    correct += int(jnp.sum(predict(params, x[i:i + batch]) == y[i:i + batch]))
+  return correct / len(x)
+
+
+def tree_norm(tree) -> float:
+  return float(jnp.sqrt(sum(jnp.sum(jnp.square(jnp.asarray(v, jnp.float32)))
+                            for v in jax.tree.leaves(tree))))
+
+
+def top_hessian_eigenvalue(loss_fn, params, x, y, *, iters: int = 20,
+                           seed: int = 0) -> float:
+  """Largest-magnitude Hessian eigenvalue by power iteration on HVPs."""
+  grad = jax.grad(lambda p: loss_fn(p, x, y))
+  hvp = jax.jit(lambda p, v: jax.jvp(grad, (p,), (v,))[1])
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+  v = jax.tree.unflatten(treedef, [jax.random.normal(k, l.shape, l.dtype)
+                                   for k, l in zip(keys, leaves)])
+  lam = 0.0
+  for _ in range(iters):
+    n = tree_norm(v)
+    v = jax.tree.map(lambda a: a / n, v)
+    hv = hvp(params, v)
+    lam = float(sum(jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(v),
+                                                   jax.tree.leaves(hv))))
+    v = hv
+  return lam
+
+
+def _batches(n: int, batch: int, rng: np.random.Generator):
+  perm = rng.permutation(n)
+  for i in range(n // batch):
+    yield perm[i * batch:(i + 1) * batch]
+
+
+def train(task: Task, method: str, seed: int, *,
+          hparams: Optional[dict[str, Any]] = None, progress: bool = True,
+          data: Any = None, sharpness_examples: int = 1024,
+          selection_every: int = 20) -> dict[str, Any]:
+  """Trains ``method`` on ``task`` with ``seed``; returns the run record."""
+  (xtr, ytr), (xte, yte) = data if data is not None else task.load(seed)
+  model = task.model()
+  params = model.init(jax.random.PRNGKey(seed), jnp.asarray(xtr[:1]))[
+      "params"]
+  loss_fn = cross_entropy(model)
+  steps_per_epoch = len(xtr) // task.batch
+  total = task.epochs * steps_per_epoch
+  schedule = optax.cosine_decay_schedule(task.lr, total)
+  base = optax.chain(optax.add_decayed_weights(task.weight_decay),
+                     optax.sgd(schedule, momentum=0.9))
+  m = methods_lib.build(method, base, labels=task.labels, **(hparams or {}))
+  state = m.tx.init(params)
+
+  if m.policy is not None:
+    driver = optax_sam.SpecializedStep(m.tx, loss_fn, policy=m.policy)
+    apply = jax.jit(optax.apply_updates)
+
+    def step(p, s, x, y):
+      (loss, _), u, s = driver(p, s, x, y)
+      return apply(p, u), s, loss
+
+    compilations = lambda: driver.compilations
+  else:
+    update = optax_sam.make_update(m.tx, loss_fn)
+
+    @jax.jit
+    def step(p, s, x, y):
+      (loss, _), u, s = update(p, s, x, y)
+      return optax.apply_updates(p, u), s, loss
+
+    compilations = step._cache_size  # pylint: disable=protected-access
+
+  rng = np.random.default_rng(seed + 12345)
+  history, selections = [], []
+  train_time, first_step_s, t = 0.0, None, 0
+  bar = (tqdm(total=total, desc=f"{task.name}/{method}/s{seed}", leave=False)
+         if progress and tqdm is not None else None)
+  for epoch in range(task.epochs):
+    losses = []
+    t0 = time.perf_counter()
+    for idx in _batches(len(xtr), task.batch, rng):
+      ts = time.perf_counter()
+      params, state, loss = step(params, state, xtr[idx], ytr[idx])
+      if first_step_s is None:
+        jax.block_until_ready(params)
+        first_step_s = time.perf_counter() - ts
+        t0 += first_step_s  # compilation is reported apart
+      losses.append(loss)
+      if hasattr(state, "last_selection") and t % selection_every == 0:
+        selections.append([t, np.asarray(state.last_selection).astype(
+            int).tolist()])
+      t += 1
+      if bar is not None:
+        bar.update(1)
+    jax.block_until_ready(params)
+    train_time += time.perf_counter() - t0
+    history.append({"epoch": epoch + 1, "train_time_s": train_time,
+                    "train_loss": float(jnp.mean(jnp.stack(losses))),
+                    "test_acc": accuracy(model, params, xte, yte)})
+  if bar is not None:
+    bar.close()
+
+  xs, ys = xtr[:sharpness_examples], ytr[:sharpness_examples]
+  record = {
+      "method": method, "seed": seed, "hparams": m.hparams,
+      "test_acc": history[-1]["test_acc"], "train_time_s": train_time,
+      "first_step_s": first_step_s, "compilations": int(compilations()),
+      "history": history,
+      "grad_norm": tree_norm(jax.jit(jax.grad(loss_fn))(params, xs, ys)),
+      "train_loss_subset": float(jax.jit(loss_fn)(params, xs, ys)),
+      "hessian_top_eig": top_hessian_eigenvalue(loss_fn, params, xs, ys,
+                                                seed=seed),
+  }
+  if selections:
+    groups = optax_sam.layer_groups(params, labels=task.labels)
+    counts = np.sum([s for _, s in selections], axis=0)
+    record["selection"] = {"groups": list(groups.names),
+                           "every": selection_every, "trace": selections,
+                           "fraction_selected": (counts / len(selections)
+                                                 ).tolist()}
+  return record
+
+
+def accuracy_at_budget(record: dict[str, Any], budget_s: float
+                       ) -> Optional[float]:
+  """Test accuracy after the last epoch finished within ``budget_s``."""
+  within = [h for h in record["history"] if h["train_time_s"] <= budget_s]
+  return within[-1]["test_acc"] if within else None
