@@ -107,6 +107,27 @@ def resnet18_problem(batch: int = 128, seed: int = 0,
                  block_label)
 
 
+def lm_problem(batch: int = 32, seed: int = 0, image: Any = None,
+               seq_len: int = 128, vocab: int = 65, d_model: int = 128,
+               num_layers: int = 4) -> Problem:
+  """The character-level Transformer LM on random tokens; next-token loss."""
+  del image
+  from optax_sam.models.lm import CharTransformerLM  # pylint: disable=g-import-not-at-top
+  model = CharTransformerLM(vocab_size=vocab, d_model=d_model,
+                            num_layers=num_layers, max_len=seq_len)
+  tokens = jax.random.randint(jax.random.PRNGKey(seed + 1),
+                              (batch, seq_len + 1), 0, vocab)
+  params = model.init(jax.random.PRNGKey(seed), tokens[:1, :-1])["params"]
+
+  def loss_fn(p, tok):
+    logits = model.apply({"params": p}, tok[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits, tok[:, 1:]).mean()
+
+  return Problem("lm", params, loss_fn, False, (tokens,),
+                 optax_sam.layer_groups(params))
+
+
 def batches_for(problem: Problem, data: str, batch: int, seed: int):
   """``t -> batch args`` for training ``problem`` on ``data``.
 
@@ -137,7 +158,7 @@ def batches_for(problem: Problem, data: str, batch: int, seed: int):
 
 
 PROBLEMS = {"mlp": mlp_problem, "cnn": cnn_problem,
-            "resnet18": resnet18_problem}
+            "resnet18": resnet18_problem, "lm": lm_problem}
 
 
 def core_methods(problem: Problem) -> dict[str, optax.GradientTransformation]:
@@ -254,13 +275,16 @@ def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--models", default="mlp,cnn")
   parser.add_argument("--rounds", type=int, default=15)
+  parser.add_argument("--batch", type=int, default=None,
+                      help="batch size (default: each model's)")
   parser.add_argument("--steps-per-round", type=int, default=10)
   parser.add_argument("--name", default="core_cost")
   parser.add_argument("--no-write", action="store_true")
   args = parser.parse_args(argv)
   results = {}
   for model in args.models.split(","):
-    problem = PROBLEMS[model]()
+    problem = PROBLEMS[model](**({"batch": args.batch} if args.batch
+                                 else {}))
     results[model] = measure(problem, core_methods(problem),
                              rounds=args.rounds,
                              steps_per_round=args.steps_per_round)
