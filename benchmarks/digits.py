@@ -20,23 +20,7 @@ import numpy as np
 import optax
 
 import optax_sam
-
-
-def load(noise: float, seed: int, test_fraction: float = 0.25):
-  """Digits as float32 in [0, 1]; symmetric label noise on train labels only."""
-  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
-  x, y = load_digits(return_X_y=True)
-  x = (x / 16.0).astype(np.float32)
-  y = y.astype(np.int32)
-  rng = np.random.default_rng(seed)
-  perm = rng.permutation(len(x))
-  n_test = int(round(test_fraction * len(x)))
-  test, train = perm[:n_test], perm[n_test:]
-  y_train = y[train].copy()
-  flip = rng.random(len(train)) < noise
-  # Symmetric noise: a flipped label is uniform over the other 9 classes.
-  y_train[flip] = (y_train[flip] + rng.integers(1, 10, flip.sum())) % 10
-  return (x[train], y_train), (x[test], y[test])
+from benchmarks import data
 
 
 def init_mlp(key, sizes=(64, 128, 128, 10)) -> dict[str, Any]:
@@ -73,7 +57,8 @@ def make_tx(method: str, lr, rho: float):
 
 def run(method: str, seed: int, *, epochs: int, batch: int, noise: float,
         lr: float, rho: float) -> dict[str, float]:
-  (xtr, ytr), (xte, yte) = load(noise, seed)
+  (xtr, ytr), (xte, yte) = data.load_digits(noise, seed)
+  xtr, xte = xtr.reshape(len(xtr), -1), xte.reshape(len(xte), -1)
   steps_per_epoch = len(xtr) // batch
   lr_sched = optax.cosine_decay_schedule(lr, epochs * steps_per_epoch)
   tx = make_tx(method, lr_sched, rho)

@@ -64,10 +64,7 @@ def fashion_task(epochs: int, train_examples: Optional[int] = None,
   def load(seed):
     del seed  # the split is fixed; the seed orders batches and inits
     if "d" not in cache:
-      (xtr, ytr), test = data.load_fashion_mnist()
-      if train_examples is not None:
-        xtr, ytr = xtr[:train_examples], ytr[:train_examples]
-      cache["d"] = ((xtr, ytr), test)
+      cache["d"] = data.load_fashion_mnist(train_examples=train_examples)
     return cache["d"]
 
   name = "fashion_mnist" + (f"_{train_examples}" if train_examples else "")

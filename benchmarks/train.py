@@ -26,6 +26,7 @@ import numpy as np
 import optax
 
 import optax_sam
+from benchmarks import data as data_lib
 from benchmarks import methods as methods_lib
 
 try:
@@ -98,12 +99,6 @@ def top_hessian_eigenvalue(loss_fn, params, x, y, *, iters: int = 20,
   return lam
 
 
-def _batches(n: int, batch: int, rng: np.random.Generator):
-  perm = rng.permutation(n)
-  for i in range(n // batch):
-    yield perm[i * batch:(i + 1) * batch]
-
-
 def train(task: Task, method: str, seed: int, *,
           hparams: Optional[dict[str, Any]] = None, progress: bool = True,
           data: Any = None, sharpness_examples: int = 1024,
@@ -141,7 +136,6 @@ def train(task: Task, method: str, seed: int, *,
 
     compilations = step._cache_size  # pylint: disable=protected-access
 
-  rng = np.random.default_rng(seed + 12345)
   history, selections = [], []
   train_time, first_step_s, t = 0.0, None, 0
   bar = (tqdm(total=total, desc=f"{task.name}/{method}/s{seed}", leave=False)
@@ -149,9 +143,10 @@ def train(task: Task, method: str, seed: int, *,
   for epoch in range(task.epochs):
     losses = []
     t0 = time.perf_counter()
-    for idx in _batches(len(xtr), task.batch, rng):
+    order = data_lib.epoch_batches(len(xtr), task.batch, seed, epoch)
+    for xb, yb in data_lib.prefetch((xtr[i], ytr[i]) for i in order):
       ts = time.perf_counter()
-      params, state, loss = step(params, state, xtr[idx], ytr[idx])
+      params, state, loss = step(params, state, xb, yb)
       if first_step_s is None:
         jax.block_until_ready(params)
         first_step_s = time.perf_counter() - ts

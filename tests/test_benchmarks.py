@@ -1,0 +1,77 @@
+"""The benchmark harness end to end on the ``tiny`` preset (numbers unused)."""
+
+import json
+import os
+import sys
+
+import numpy as np
+import optax
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+
+pytest.importorskip("flax")
+pytest.importorskip("sklearn")
+
+from benchmarks import methods  # noqa: E402  pylint: disable=g-import-not-at-top
+from benchmarks import report  # noqa: E402  pylint: disable=g-import-not-at-top
+from benchmarks import run  # noqa: E402  pylint: disable=g-import-not-at-top
+from benchmarks import train  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def test_tiny_preset_end_to_end(tmp_path):
+  results = run.main(["--preset", "tiny", "--methods", "sgd,sam,lagnp",
+                      "--results-dir", str(tmp_path), "--no-progress"])
+  (task,) = results.values()
+  assert set(task["summary"]) == {"sgd", "sam", "lagnp"}
+  assert task["cost"]["sgd"]["flops_ratio"] == 1.0
+  assert 1.8 < task["cost"]["sam"]["flops_ratio"] < 2.2
+  for r in task["runs"]:
+    assert 0.0 <= r["test_acc"] <= 1.0
+    assert np.isfinite(r["grad_norm"]) and np.isfinite(r["hessian_top_eig"])
+  lagnp = [r for r in task["runs"] if r["method"] == "lagnp"][0]
+  assert lagnp["selection"]["groups"]
+  with open(tmp_path / "tiny.json") as f:
+    saved = json.load(f)
+  prov = saved["provenance"]
+  for key in ("command", "git_commit", "versions", "device", "date", "seeds"):
+    assert key in prov
+
+
+def test_methods_by_name_and_hparams():
+  assert methods.parse_hparams("sam:rho=0.1,asam:eta=0.02,x:executor=dense"
+                               ) == {"sam": {"rho": 0.1},
+                                     "asam": {"eta": 0.02},
+                                     "x": {"executor": "dense"}}
+  m = methods.build("sam", optax.sgd(0.1), rho=0.2)
+  assert m.hparams["rho"] == 0.2
+  # Not registered: looked up in optax_sam.
+  assert methods.build("sharpness_aware", optax.sgd(0.1),
+                       perturbation=__import__("optax_sam").sam_perturbation(
+                           0.05)).tx is not None
+  with pytest.raises(ValueError, match="unknown method"):
+    methods.build("nope", optax.sgd(0.1))
+  with pytest.raises(ValueError, match="method:key=value"):
+    methods.parse_hparams("sam:rho")
+
+
+def test_accuracy_at_budget():
+  rec = {"history": [{"train_time_s": 1.0, "test_acc": 0.5},
+                     {"train_time_s": 2.0, "test_acc": 0.7}]}
+  assert train.accuracy_at_budget(rec, 1.5) == 0.5
+  assert train.accuracy_at_budget(rec, 0.5) is None
+
+
+def test_hessian_power_iteration_on_quadratic():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  a = jnp.diag(jnp.array([3.0, 1.0, 0.5]))
+  loss = lambda p, x, y: 0.5 * p["w"] @ a @ p["w"]
+  lam = train.top_hessian_eigenvalue(loss, {"w": jnp.ones(3)}, None, None,
+                                     iters=50)
+  assert lam == pytest.approx(3.0, rel=1e-3)
+
+
+def test_report_skips_tiny(tmp_path):
+  text, images = report.build(str(tmp_path))
+  assert images == [] and "Results" in text

