@@ -45,21 +45,45 @@ from optax_sam._src.selective import SelectiveState
 from optax_sam._src.selective import selective_sam
 from optax_sam._src.step import GradientOracle
 from optax_sam._src.step import make_update
+from optax_sam._src.arsam import arsam
+from optax_sam._src.looksam import looksam
+from optax_sam._src.reuse import AdaptiveScheduleState
+from optax_sam._src.reuse import Mixer
+from optax_sam._src.reuse import ReuseSchedule
+from optax_sam._src.reuse import ReuseState
+from optax_sam._src.reuse import ReuseStats
+from optax_sam._src.reuse import ScheduleState
+from optax_sam._src.reuse import orthogonal_mixer
+from optax_sam._src.reuse import psf_mixer
+from optax_sam._src.reuse import recompute_adaptive
+from optax_sam._src.reuse import recompute_always
+from optax_sam._src.reuse import recompute_every
+from optax_sam._src.reuse import recompute_fraction
+from optax_sam._src.reuse import recompute_never
+from optax_sam._src.reuse import recompute_with_probability
+from optax_sam._src.reuse import reuse_sam
 
 __version__ = "0.1.0"
 
 __all__ = (
+    "AdaptiveScheduleState",
     "Executor",
     "GradientOracle",
     "LayerGroups",
     "LayerStats",
     "Menu",
+    "Mixer",
     "PlainState",
     "Policy",
     "PolicyState",
+    "ReuseSchedule",
+    "ReuseState",
+    "ReuseStats",
+    "ScheduleState",
     "SelectiveState",
     "SharpnessAwareState",
     "SpecializedStep",
+    "arsam",
     "asam",
     "asam_perturbation",
     "bandit",
@@ -69,14 +93,24 @@ __all__ = (
     "layer_groups",
     "layerwise_policy",
     "layerwise_sam",
+    "looksam",
     "make_update",
     "mask_fraction",
     "mask_from_names",
     "natural_order",
     "normalize",
+    "orthogonal_mixer",
     "plain",
+    "psf_mixer",
     "random_k",
+    "recompute_adaptive",
+    "recompute_always",
+    "recompute_every",
+    "recompute_fraction",
+    "recompute_never",
+    "recompute_with_probability",
     "reselect_every",
+    "reuse_sam",
     "safe_norm",
     "sam",
     "sam_perturbation",

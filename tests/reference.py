@@ -119,3 +119,148 @@ def run_sam_momentum(p, batches, steps, lr, momentum, rho, **kw):
     p = tmap(lambda a, t: a - lr * t, p, trace)
     out.append(p)
   return out
+
+
+# --- Reuse methods (LookSAM, ARSAM): added for test_looksam / test_arsam. ---
+
+
+def tmean(trees):
+  """Elementwise mean of a list of trees."""
+  return tmap(lambda *a: np.mean(a, axis=0), *trees)
+
+
+def tdot(a, b):
+  return sum(float(np.sum(a[k][n].astype(np.float64) * b[k][n]))
+             for k in a for n in a[k])
+
+
+def looksam_store(g, gs, groups=None):
+  """g_v: the part of ``gs`` orthogonal to ``g`` (per group of layer names
+  when ``groups`` is given, e.g. [("hidden",), ("out",)])."""
+  groups = groups or [tuple(g)]
+  gv = tmap(lambda a: a.astype(np.float64), gs)
+  for layers in groups:
+    ng = global_norm(g, layers)
+    u = {k: {n: (g[k][n] / ng if ng > 0 else 0.0 * g[k][n])
+             for n in g[k]} for k in layers}
+    d = sum(float(np.sum(gs[k][n] * u[k][n])) for k in layers for n in g[k])
+    for k in layers:
+      for n in g[k]:
+        gv[k][n] = gs[k][n] - d * u[k][n]
+  return gv
+
+
+def looksam_mix(g, gv, alpha, groups=None):
+  """g + alpha * ||g|| / ||g_v|| * g_v (per group when ``groups`` given)."""
+  groups = groups or [tuple(g)]
+  out = tmap(lambda a: a.astype(np.float64), g)
+  for layers in groups:
+    ng, nv = global_norm(g, layers), global_norm(gv, layers)
+    scale = alpha * ng / nv if nv > 0 else 0.0
+    for k in layers:
+      for n in g[k]:
+        out[k][n] = g[k][n] + scale * gv[k][n]
+  return out
+
+
+def psf_store(g, gs):
+  return tmap(lambda a, b: b - a, g, gs)
+
+
+def psf_mix(g, psf, age, decay, horizon):
+  c = decay ** age if (horizon is None or age <= horizon) else 0.0
+  return tmap(lambda a, s: a + c * s, g, psf)
+
+
+class AdaptiveScheduleRef:
+  """ARSAM's adaptive sampling (the vSAM-code rule), in plain Python.
+
+  ``uniforms[t]`` is the uniform number drawn for step ``t`` (from the same
+  key as the implementation); everything else is recomputed here.
+  """
+
+  def __init__(self, uniforms, window, blocks, max_fraction, gains,
+               init_rate, warmup):
+    self.u = uniforms
+    self.window, self.blocks, self.warmup = window, blocks, warmup
+    self.max_rate = int(window * max_fraction)
+    self.gains = gains
+    self.rate = float(init_rate)
+    self.done = 0
+    self.t = 0
+    self.norms = [0.0] * window          # padded with zeros, oldest first
+    self.ratios, self.variances = [], []  # observed values only
+    self.rates = []
+
+  def decide(self):
+    t, w = self.t, self.window
+    if t < self.warmup:
+      return True
+    pos = (t - self.warmup) % w
+    quota = int(np.floor(self.rate))
+    if self.done < quota and self.u[t] < self.rate / w:
+      return True
+    return w - pos <= quota - self.done
+
+  def _block_var(self):
+    width = self.window // self.blocks
+    s = np.sort(np.asarray(self.norms))[:self.blocks * width]
+    return float(np.mean(np.var(s.reshape(self.blocks, width), axis=1,
+                                ddof=1)))
+
+  @staticmethod
+  def _trend(hist):
+    rel = [(b - a) / a for a, b in zip(hist[:-1], hist[1:]) if a > 0]
+    return float(np.clip(np.mean(rel), -1, 1)) if rel else 0.0
+
+  def observe(self, recomputed, psf_norm, g_norm):
+    if recomputed:
+      self.norms = self.norms[1:] + [psf_norm]
+      self.ratios = (self.ratios + [psf_norm / g_norm if g_norm > 0
+                                    else 0.0])[-self.window:]
+      self.variances = (self.variances + [self._block_var()])[-self.window:]
+      self.done += 1
+    self.t += 1
+    if self.t >= self.warmup and (self.t - self.warmup) % self.window == 0:
+      r1, r2 = self._trend(self.ratios), self._trend(self.variances)
+      self.rate = float(np.clip(
+          self.rate * (1 + self.gains[0] * r1 + self.gains[1] * r2), 1,
+          self.max_rate))
+      self.done = 0
+    self.rates.append(self.rate)
+
+
+def run_reuse_momentum(p, batches, steps, lr, momentum, rho, decide, store,
+                       mix, observe=None, sync_ascent=False):
+  """Trajectory of a reuse method with optax.sgd(lr, momentum) as the base.
+
+  ``decide(t) -> bool`` (the first step always recomputes), ``store(g, gs)``,
+  ``mix(g, stored, age)``, ``observe(recomputed, ||gs - g||, ||g||)``; ``g``
+  and ``gs`` are means over the shards of ``batches(t)``, each shard
+  perturbing along its own gradient unless ``sync_ascent``. Returns (params
+  after each step, decisions).
+  """
+  p = tmap(lambda a: a.astype(np.float64), p)
+  trace = tmap(np.zeros_like, p)
+  stored, age, n_rec = None, 0, 0
+  out, decisions = [], []
+  for t in range(steps):
+    shards = batches(t)
+    g = tmean([loss_and_grad(p, x, y)[1] for x, y in shards])
+    rec = bool(decide(t)) or n_rec == 0
+    decisions.append(rec)
+    if rec:
+      gs = sam_gradient(p, shards, rho, sync_ascent=sync_ascent)
+      stored, age, n_rec = store(g, gs), 0, n_rec + 1
+      descent = gs
+      if observe is not None:
+        observe(True, global_norm(tmap(np.subtract, gs, g)), global_norm(g))
+    else:
+      age += 1
+      descent = mix(g, stored, age)
+      if observe is not None:
+        observe(False, 0.0, 0.0)
+    trace = tmap(lambda gg, tr: gg + momentum * tr, descent, trace)
+    p = tmap(lambda a, tr: a - lr * tr, p, trace)
+    out.append(p)
+  return out, decisions
