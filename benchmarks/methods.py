@@ -22,9 +22,16 @@ import optax_sam
 
 
 class Method(NamedTuple):
+  """A built method.
+
+  ``specialized``: drive with ``optax_sam.SpecializedStep`` (one program per
+  static decision: a layer selection, or recompute/reuse), passing
+  ``policy`` when there is one.
+  """
   tx: optax.GradientTransformationExtraArgs
-  policy: Optional[optax_sam.Policy] = None  # set: drive with SpecializedStep
+  policy: Optional[optax_sam.Policy] = None
   hparams: dict[str, Any] = {}
+  specialized: bool = False
 
 
 _REGISTRY: dict[str, Callable[..., Method]] = {}
@@ -65,7 +72,25 @@ def _layerwise(base, rho=0.05, num_layers=2, interval=100,
   policy = (optax_sam.layerwise_policy(num_layers, interval)
             if executor == "specialize" else None)
   return Method(tx, policy, dict(rho=rho, num_layers=num_layers,
-                                 interval=interval, executor=executor, **hp))
+                                 interval=interval, executor=executor, **hp),
+                specialized=executor == "specialize")
+
+
+# ARSAM and LookSAM branch with lax.cond; on the CPU a conv gradient inside
+# a conditional is slow, so the benchmark runs each branch as its own
+# program (driver="host"); driver="cond" measures the lax.cond program.
+@register("arsam")
+def _arsam(base, rho=0.05, driver="host", **hp):
+  return Method(optax_sam.arsam(base, rho=rho, **hp), None,
+                dict(rho=rho, driver=driver, **hp),
+                specialized=driver == "host")
+
+
+@register("looksam")
+def _looksam(base, rho=0.05, k=5, alpha=0.7, driver="host", **hp):
+  return Method(optax_sam.looksam(base, rho=rho, k=k, alpha=alpha, **hp),
+                None, dict(rho=rho, k=k, alpha=alpha, driver=driver, **hp),
+                specialized=driver == "host")
 
 
 _REGISTRY["lagnp"] = _REGISTRY["layerwise_sam"]

@@ -105,6 +105,7 @@ def measure_cost(task: train_lib.Task, built: dict[str, methods_lib.Method],
                                                     labels=task.labels),
                              task.labels)
   rows, steps, init = {}, {}, {}
+  bind = lambda f, kw: lambda p, s, *b: f(p, s, *b, **kw)
   for name, m in built.items():
     state = m.tx.init(params)
     fn = cost_lib.train_step_fn(m.tx, problem)
@@ -112,7 +113,17 @@ def measure_cost(task: train_lib.Task, built: dict[str, methods_lib.Method],
     if m.policy is not None:  # cost at its first selection (output side)
       sel = m.policy.init(problem.groups.num_groups, None).selection
       extra["static_selection"] = tuple(bool(f) for f in np.asarray(sel))
-    bound = (lambda f, kw: lambda p, s, *b: f(p, s, *b, **kw))(fn, extra)
+    if hasattr(state, "next_recompute") and m.specialized:
+      # Two programs; amortized with the runs' recompute fraction later.
+      for branch, flag in (("recompute", True), ("reuse", False)):
+        key = f"{name}[{branch}]"
+        rows[key] = cost_lib.compiled_cost(
+            bind(fn, {"static_recompute": flag}), params, state, x, y)
+        rows[key]["state_bytes"] = _state_bytes(state)
+        steps[key] = jax.jit(bind(fn, {"static_recompute": flag}))
+        init[key] = (params, state)
+      continue
+    bound = bind(fn, extra)
     rows[name] = cost_lib.compiled_cost(bound, params, state, x, y)
     rows[name]["state_bytes"] = _state_bytes(state)
     if extra:
@@ -156,8 +167,8 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
   for method, rs in by_method.items():
     row = {"seeds": [r["seed"] for r in rs]}
     for key in ("test_acc", "train_time_s", "grad_norm", "hessian_top_eig",
-                "train_loss_subset"):
-      row[key], row[key + "_std"] = ms([r[key] for r in rs])
+                "train_loss_subset", "recompute_fraction"):
+      row[key], row[key + "_std"] = ms([r.get(key) for r in rs])
     if sgd:
       diffs = [r["test_acc"] - sgd[r["seed"]]["test_acc"] for r in rs
                if r["seed"] in sgd]
@@ -169,6 +180,20 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
           [train_lib.accuracy_at_budget(r, budget) for r in rs])
     out[method] = row
   return out
+
+
+def amortize(cost: dict[str, Any], summary: dict[str, Any]) -> None:
+  """Cost of two-program methods, weighted by their recompute fraction."""
+  for method, s in summary.items():
+    rec, reuse = cost.get(f"{method}[recompute]"), cost.get(f"{method}[reuse]")
+    f = s.get("recompute_fraction")
+    if rec is None or reuse is None or f is None:
+      continue
+    row = {"recompute_fraction": f, "amortized": True}
+    for key in ("flops_ratio", "time_ratio", "flops", "step_s"):
+      if key in rec and key in reuse:
+        row[key] = f * rec[key] + (1 - f) * reuse[key]
+    cost[method] = row
 
 
 def format_tables(task: str, cost: dict[str, Any],
@@ -226,6 +251,7 @@ def main(argv=None) -> dict[str, Any]:
                                     hparams=hparams.get(m, {}), data=data,
                                     progress=not args.no_progress))
     summary = summarize(runs)
+    amortize(cost, summary)
     task_info = {k: (v if not callable(v) else getattr(v, "__name__", "fn"))
                  for k, v in task._asdict().items()
                  if k not in ("load", "model")}

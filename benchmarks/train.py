@@ -117,7 +117,7 @@ def train(task: Task, method: str, seed: int, *,
   m = methods_lib.build(method, base, labels=task.labels, **(hparams or {}))
   state = m.tx.init(params)
 
-  if m.policy is not None:
+  if m.specialized:
     driver = optax_sam.SpecializedStep(m.tx, loss_fn, policy=m.policy)
     apply = jax.jit(optax.apply_updates)
 
@@ -177,6 +177,9 @@ def train(task: Task, method: str, seed: int, *,
       "hessian_top_eig": top_hessian_eigenvalue(loss_fn, params, xs, ys,
                                                 seed=seed),
   }
+  if hasattr(state, "recomputes"):
+    record["recompute_fraction"] = float(state.recomputes) / max(
+        int(state.count), 1)
   if selections:
     groups = optax_sam.layer_groups(params, labels=task.labels)
     counts = np.sum([s for _, s in selections], axis=0)

@@ -215,24 +215,48 @@ def find_policy_state(opt_state: Any) -> Optional[policies.PolicyState]:
   return None
 
 
-class SpecializedStep:
-  """Training-loop helper for the ``specialize`` executor.
+def _find_state(opt_state: Any, cls: type) -> Any:
+  for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, cls)):
+    if isinstance(x, cls):
+      return x
+  return None
 
-  Before each step where the policy may change the selection, it copies the
-  selection from the optimizer state to the host, and runs the program
-  compiled for that exact subset (compiling it on first use, keeping at most
-  ``max_cache`` programs, least recently used evicted). Between re-selection
-  steps it dispatches without synchronising.
+
+def _first_replica(x) -> np.ndarray:
+  """Host copy of a (possibly pmap-replicated) state entry, one replica."""
+  x = np.asarray(jax.device_get(x))
+  return x.reshape((-1,) + x.shape[x.ndim - 1:])[0] if x.ndim > 1 else x
+
+
+class SpecializedStep:
+  """Training-loop helper: one compiled program per static decision.
+
+  Drives methods whose step can be specialised on a decision kept in their
+  state, so that each program contains only the work of that decision and
+  no conditional:
+
+  * layer-selective methods (``selective_sam``/``layerwise_sam`` with
+    ``executor="specialize"``): the selection (``static_selection=``); read
+    from the device only before steps where ``policy.may_change(step)``;
+  * reuse methods (``arsam``, ``looksam``, ``reuse_sam``): whether this step
+    recomputes SAM's gradient (``static_recompute=``, from
+    ``state.next_recompute``); read every step (a small device-to-host
+    copy), two programs.
+
+  Programs are compiled on first use and cached (at most ``max_cache``,
+  least recently used evicted). Why: on the CPU, XLA runs convolution
+  gradients inside ``lax.cond``/``lax.switch`` far slower than outside.
 
   Example::
 
-    tx = optax_sam.selective_sam(opt, policy, executor="specialize")
-    step = optax_sam.SpecializedStep(tx, loss_fn, policy=policy)
+    tx = optax_sam.layerwise_sam(opt, num_layers=2, executor="specialize")
+    step = optax_sam.SpecializedStep(
+        tx, loss_fn, policy=optax_sam.layerwise_policy(2, 100))
     (loss, aux), updates, opt_state = step(params, opt_state, x, y)
 
   Attributes:
     compilations: number of programs compiled so far.
-    selections: the distinct selections seen, in order of first use.
+    selections: the distinct decisions seen, in order of first use.
   """
 
   def __init__(self, tx, loss_fn: Callable[..., Any], *, has_aux: bool = False,
@@ -244,40 +268,51 @@ class SpecializedStep:
     self._policy = policy
     self._max_cache = max_cache
     self._jit = jit
-    self._cache: collections.OrderedDict[Flags, Any] = (
+    self._cache: collections.OrderedDict[Any, Any] = (
         collections.OrderedDict())
-    self._current: Optional[Flags] = None
+    self._current: Optional[tuple[str, Any]] = None
     self._step: Optional[int] = None
     self.compilations = 0
-    self.selections: list[Flags] = []
+    self.selections: list[Any] = []
 
-  def _program(self, flags: Flags):
-    if flags in self._cache:
-      self._cache.move_to_end(flags)
-      return self._cache[flags]
+  def _program(self, key: tuple[str, Any]):
+    if key in self._cache:
+      self._cache.move_to_end(key)
+      return self._cache[key]
+    kwarg, value = key
     fn = self._jit(lambda p, s, *a: self._update(p, s, *a,
-                                                 static_selection=flags))
-    self._cache[flags] = fn
+                                                 **{kwarg: value}))
+    self._cache[key] = fn
     self.compilations += 1
-    if flags not in self.selections:
-      self.selections.append(flags)
+    if value not in self.selections:
+      self.selections.append(value)
     while len(self._cache) > self._max_cache:
       self._cache.popitem(last=False)
     return fn
 
-  def __call__(self, params, opt_state, *args):
-    if self._step is None or self._policy is None or self._policy.may_change(
-        self._step):
-      state = find_policy_state(opt_state)
-      if state is None:
-        raise ValueError("no policy state found in opt_state: SpecializedStep "
-                         "drives selective methods.")
-      selection, count = jax.device_get((state.selection, state.count))
-      # Replicated over devices (pmap): every copy is the same; take the first.
-      selection = np.asarray(selection).reshape(-1, np.shape(selection)[-1])[0]
-      self._current = tuple(bool(f) for f in selection)
+  def _read(self, opt_state) -> tuple[str, Any]:
+    state = find_policy_state(opt_state)
+    if state is not None:
       if self._step is None:
-        self._step = int(np.asarray(count).reshape(-1)[0])
+        self._step = int(_first_replica(state.count).reshape(-1)[0])
+      return ("static_selection",
+              tuple(bool(f) for f in _first_replica(state.selection)))
+    from optax_sam._src import reuse  # pylint: disable=g-import-not-at-top
+    rstate = _find_state(opt_state, reuse.ReuseState)
+    if rstate is not None:
+      return ("static_recompute",
+              bool(_first_replica(rstate.next_recompute).reshape(-1)[0]))
+    raise ValueError("SpecializedStep drives selective methods (a policy "
+                     "state) or reuse methods (arsam, looksam); neither was "
+                     "found in opt_state.")
+
+  def __call__(self, params, opt_state, *args):
+    reuse_driven = self._current is not None and (
+        self._current[0] == "static_recompute")
+    if (self._current is None or reuse_driven or self._policy is None
+        or self._policy.may_change(self._step)):
+      self._current = self._read(opt_state)
     out = self._program(self._current)(params, opt_state, *args)
-    self._step += 1
+    if self._step is not None:
+      self._step += 1
     return out

@@ -557,6 +557,9 @@ class ReuseState(NamedTuple):
       ``recomputes / count`` is the recompute fraction (cost
       ``1 + recomputes / count`` SGD gradients per step).
     recomputed: bool, whether the last step recomputed.
+    next_recompute: bool, the schedule's decision for the next step (what
+      :class:`optax_sam.SpecializedStep` reads to run the one branch as its
+      own program, without ``lax.cond``).
   """
   opt_state: optax.OptState
   perturbation_state: optax.OptState
@@ -566,6 +569,7 @@ class ReuseState(NamedTuple):
   count: jax.Array
   recomputes: jax.Array
   recomputed: jax.Array
+  next_recompute: jax.Array
 
 
 def recompute_fraction(state: ReuseState) -> jax.Array:
@@ -653,9 +657,17 @@ def reuse_sam(
         age=jnp.zeros([], jnp.int32),
         count=jnp.zeros([], jnp.int32),
         recomputes=jnp.zeros([], jnp.int32),
-        recomputed=jnp.zeros([], jnp.bool_))
+        recomputed=jnp.zeros([], jnp.bool_),
+        next_recompute=jnp.ones([], jnp.bool_))
 
-  def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
+  def decision(sched_state, recomputes):
+    pred = schedule.decide(sched_state)
+    if isinstance(pred, (bool, np.bool_)):
+      return pred
+    return jnp.logical_or(jnp.asarray(pred, jnp.bool_), recomputes == 0)
+
+  def update_fn(updates, state, params=None, *, grad_fn=None,
+                static_recompute=None, **extra_args):
     if params is None:
       raise ValueError("this transformation needs params: call "
                        "tx.update(grads, state, params, grad_fn=...).")
@@ -694,24 +706,28 @@ def reuse_sam(
       zero = jnp.zeros([], jnp.float32)
       return descent, state.stored, pstate, ReuseStats(zero, zero), age
 
-    pred = schedule.decide(state.schedule)
+    if static_recompute is not None:  # decided on the host (SpecializedStep)
+      pred = bool(static_recompute)
+    else:
+      pred = decision(state.schedule, state.recomputes)
     if isinstance(pred, (bool, np.bool_)):
       branch = recompute if pred else reuse
       out = branch(state.perturbation_state)
       pred = jnp.asarray(bool(pred))
     else:
-      pred = jnp.logical_or(jnp.asarray(pred, jnp.bool_),
-                            state.recomputes == 0)
       out = jax.lax.cond(pred, recompute, reuse, state.perturbation_state)
     descent, stored, pstate, stats, age = out
     sched_state = schedule.update(state.schedule, pred, stats)
+    recomputes = state.recomputes + pred.astype(jnp.int32)
     new_updates, opt_state = optimizer.update(descent, state.opt_state,
                                               params, **extra_args)
     return new_updates, ReuseState(
         opt_state=opt_state, perturbation_state=pstate, schedule=sched_state,
         stored=stored, age=age,
         count=optax.safe_increment(state.count),
-        recomputes=state.recomputes + pred.astype(jnp.int32),
-        recomputed=pred)
+        recomputes=recomputes,
+        recomputed=pred,
+        next_recompute=jnp.asarray(decision(sched_state, recomputes),
+                                   jnp.bool_))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
