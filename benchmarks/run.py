@@ -79,9 +79,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "quick": {"tasks": lambda: [digits_task(40),
                                 fashion_task(3, train_examples=6000)],
               "seeds": [0, 1, 2],
-              "methods": "sgd,sam,asam,layerwise_sam", "cost_rounds": 5},
-    "full": {"tasks": lambda: [fashion_task(5)], "seeds": [0, 1, 2],
-             "methods": "sgd,sam,asam,layerwise_sam", "cost_rounds": 10},
+              "methods": "sgd,sam,asam,layerwise_sam,arsam,looksam",
+              "cost_rounds": 5},
+    # The quoted figures. 3 epochs of the full 60k training set keeps a
+    # 3-seed, 6-method run near an hour on a 2-core CPU.
+    "full": {"tasks": lambda: [fashion_task(3)], "seeds": [0, 1, 2],
+             "methods": "sgd,sam,asam,layerwise_sam,arsam,looksam",
+             "cost_rounds": 10},
 }
 
 
