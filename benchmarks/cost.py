@@ -281,6 +281,7 @@ def main(argv=None):
   parser.add_argument("--name", default="core_cost")
   parser.add_argument("--no-write", action="store_true")
   args = parser.parse_args(argv)
+  provenance.record_start()
   results = {}
   for model in args.models.split(","):
     problem = PROBLEMS[model](**({"batch": args.batch} if args.batch

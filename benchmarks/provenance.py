@@ -25,7 +25,8 @@ def git_commit() -> str | None:
   try:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root,
                           capture_output=True, text=True, check=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--",
+    dirty = subprocess.run(["git", "status", "--porcelain",
+                            "--untracked-files=no", "--",
                             "optax_sam", "benchmarks"], cwd=root,
                            capture_output=True, text=True, check=True)
   except (OSError, subprocess.CalledProcessError):
@@ -60,6 +61,17 @@ def provenance(seeds: Any = None) -> dict[str, Any]:
   }
 
 
+_START: dict[str, Any] = {}
+
+
+def record_start() -> None:
+  """Notes the commit and time when a benchmark starts (before it runs for
+  an hour while the checkout may move on); ``write_result`` reports them."""
+  _START["git_commit"] = git_commit()
+  _START["started"] = datetime.datetime.now(datetime.timezone.utc).isoformat(
+      timespec="seconds")
+
+
 def write_result(name: str, payload: dict[str, Any],
                  seeds: Any = None, results_dir: str | None = None) -> str:
   """Writes ``benchmarks/results/<name>.json`` with provenance; returns path."""
@@ -68,7 +80,9 @@ def write_result(name: str, payload: dict[str, Any],
   os.makedirs(results_dir, exist_ok=True)
   path = os.path.join(results_dir, f"{name}.json")
   with open(path, "w") as f:
-    json.dump({"provenance": provenance(seeds), **payload}, f, indent=1,
+    prov = provenance(seeds)
+    prov.update(_START)  # commit and time at the start, when recorded
+    json.dump({"provenance": prov, **payload}, f, indent=1,
               sort_keys=False, default=float)
     f.write("\n")
   return path

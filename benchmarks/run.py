@@ -234,6 +234,7 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument("--no-write", action="store_true")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
+  provenance.record_start()
   preset = PRESETS[args.preset]
   method_names = (args.methods or preset["methods"]).split(",")
   if "sgd" not in method_names:

@@ -251,6 +251,7 @@ def main(argv=None) -> None:
   parser.add_argument("--name", default="selection")
   parser.add_argument("--no-write", action="store_true")
   args = parser.parse_args(argv)
+  provenance.record_start()
   results = {}
   for model in args.models.split(","):
     kwargs = {"batch": args.batch, "seed": args.seed,
