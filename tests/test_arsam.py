@@ -14,7 +14,7 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 import optax_sam
 import reference
-from _util import assert_trees_close, jax_loss, setup, to_jax
+from _util import assert_trees_close, jax_loss, setup, to_jax, make_step
 
 LR, MOM, RHO, SEED = 0.1, 0.9, 0.05, 3
 # A small adaptive schedule whose rate moves within a few windows.
@@ -35,16 +35,7 @@ def _uniforms(seed, steps):
 def _run(tx, params, x, y, path, steps, jit=True):
   """Runs ``steps`` steps via C1 or C2; returns params and states."""
   state = tx.init(params)
-  if path == "c2":
-    step = optax_sam.make_update(tx, jax_loss)
-  else:
-    def step(p, st, xb, yb):
-      g = jax.grad(jax_loss)(p, xb, yb)
-      u, st = tx.update(g, st, p,
-                        grad_fn=lambda q, i: jax.grad(jax_loss)(q, xb, yb))
-      return (None, None), u, st
-  if jit:
-    step = jax.jit(step)
+  step = make_step(tx, path, jit)
   out, states = [], []
   for s in range(steps):
     xb, yb = _batches(x, y)(s)[0]

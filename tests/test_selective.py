@@ -19,7 +19,7 @@ import pytest
 
 import optax_sam
 import reference
-from _util import assert_trees_close, jax_loss, setup, to_jax
+from _util import assert_trees_close, jax_loss, setup, to_jax, deep_mlp, make_step
 
 LR, MOM, RHO = 0.1, 0.9, 0.05
 LAYERS = ("hidden", "out")
@@ -49,16 +49,7 @@ def _np_selective(p, x, y, steps, k, restrict_descent):
 
 def _run(tx, p, x, y, steps, path, jit):
   params, state = to_jax(p), tx.init(to_jax(p))
-  if path == "c2":
-    step = optax_sam.make_update(tx, jax_loss)
-  else:
-    def step(q, st, xb, yb):
-      g = jax.grad(jax_loss)(q, xb, yb)
-      u, st = tx.update(g, st, q,
-                        grad_fn=lambda w, i: jax.grad(jax_loss)(w, xb, yb))
-      return (None, None), u, st
-  if jit:
-    step = jax.jit(step)
+  step = make_step(tx, path, jit)
   out, sels = [], []
   for _ in range(steps):
     _, u, state = step(params, state, x, y)
@@ -110,21 +101,7 @@ DEPTH, WIDTH = 6, 16
 
 
 def _deep():
-  keys = jax.random.split(jax.random.PRNGKey(0), DEPTH + 1)
-  params = {f"layer{i}": {"w": jax.random.normal(k, (WIDTH, WIDTH)) / 4,
-                          "b": jnp.zeros(WIDTH)}
-            for i, k in enumerate(keys[:DEPTH])}
-
-  def loss(q, xb, yb):
-    h = xb
-    for i in range(DEPTH):
-      h = h @ q[f"layer{i}"]["w"] + q[f"layer{i}"]["b"]
-      if i < DEPTH - 1:
-        h = jnp.tanh(h)
-    return jnp.mean(jnp.square(h - yb))
-
-  x = jax.random.normal(keys[-1], (32, WIDTH))
-  return params, loss, x, jnp.sin(x)
+  return deep_mlp(DEPTH, WIDTH, 32, 4)
 
 
 def _train(executor, policy, restrict_descent, steps=10):
