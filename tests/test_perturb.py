@@ -101,3 +101,13 @@ def test_asam_needs_params():
   tx = optax_sam.asam_perturbation()
   with pytest.raises(ValueError, match="needs params"):
     tx.update(_tree(), tx.init(_tree()), None)
+
+
+def test_safe_norm_of_tiny_constant_under_jit():
+  # A compile-time constant lets XLA constant-fold the norm; it must not
+  # reassociate it into inf * 0.
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from optax_sam._src.perturb import safe_norm  # pylint: disable=g-import-not-at-top
+  value = jax.jit(lambda: safe_norm({"a": jnp.full((3,), 1e-30)}))()
+  assert float(value) == pytest.approx(3 ** 0.5 * 1e-30, rel=1e-5)

@@ -71,9 +71,11 @@ def safe_norm(tree: PyTree) -> jax.Array:
     return jnp.zeros((), jnp.float32)
   m = jnp.max(jnp.stack([jnp.max(jnp.abs(x)) if x.size else 0.0
                          for x in leaves]))
-  inv_m = jnp.where(m > 0, 1.0 / jnp.where(m > 0, m, 1.0), 0.0)
-  sq = sum(jnp.sum(jnp.square(x * inv_m)) for x in leaves)
-  return m * jnp.sqrt(sq)
+  # Divide (not multiply by 1/m): XLA's simplifier may otherwise pull the
+  # factor out of the sum, giving inf * 0 = NaN for constant tiny inputs.
+  safe_m = jnp.where(m > 0, m, 1.0)
+  sq = sum(jnp.sum(jnp.square(x / safe_m)) for x in leaves)
+  return jnp.where(m > 0, m * jnp.sqrt(sq), 0.0)
 
 
 def safe_inverse(norm: jax.Array) -> jax.Array:
