@@ -181,7 +181,7 @@ def main(argv=None) -> dict[str, Any]:
             "pretrain": pretrain, "summary": summary, "runs": runs}
   if not args.no_write:
     path = provenance.write_result(args.name, result,
-                                   seeds=args.seeds.split(","))
+                                   seeds=[int(x) for x in args.seeds.split(",")])
     print(f"\nwrote {path}")
   return result
 
