@@ -36,6 +36,9 @@ def _provenance_line(prov: dict[str, Any]) -> str:
 def benefit_tables(name: str, res: dict[str, Any]) -> list[str]:
   out = [f"### `{name}.json` (preset `{res.get('preset')}`)", "",
          _provenance_line(res["provenance"]), ""]
+  if "cost_provenance" in res:
+    out += ["Cost columns re-measured from the recorded runs (`--recost`): "
+            + _provenance_line(res["cost_provenance"]), ""]
   for task, r in res["results"].items():
     t = r["task"]
     out += [f"**{task}**: {t.get('epochs')} epochs, batch {t.get('batch')}, "
@@ -58,7 +61,25 @@ def benefit_tables(name: str, res: dict[str, Any]) -> list[str]:
           f"{_fmt(s['grad_norm'], '.3f')} | "
           f"{_fmt(s['hessian_top_eig'], '.2f')} |")
     out.append("")
+    out += _program_lines(r["cost"], list(r["summary"]))
   return out
+
+
+def _program_lines(cost: dict[str, Any], methods: list[str]) -> list[str]:
+  """One line per method that ran several static programs: each program's
+  share of the steps and its FLOPs and time ratios to SGD."""
+  lines = []
+  for m in methods:
+    c = cost.get(m, {})
+    if not c.get("fractions"):
+      continue
+    parts = []
+    for b, f in c["fractions"].items():
+      row = cost.get(f"{m}[{b}]", {})
+      parts.append(f"{b} {100 * f:.0f}% ({_fmt(row.get('flops_ratio'), '.2f')}"
+                   f"x FLOPs, {_fmt(row.get('time_ratio'), '.2f')}x time)")
+    lines.append(f"- {m}, amortized over its programs: " + "; ".join(parts))
+  return lines + [""] if lines else []
 
 
 def cost_tables(name: str, res: dict[str, Any]) -> list[str]:
@@ -144,7 +165,7 @@ def plot_benefit(name: str, res: dict[str, Any]) -> list[str]:
     ax1.set_ylabel("test accuracy")
     ax1.set_title(task)
     ax1.legend(fontsize=8)
-    names = list(r["cost"])
+    names = [m for m in r["summary"] if m in r["cost"]]
     ax2.bar(names, [r["cost"][m].get("flops_ratio", 0) for m in names])
     ax2.axhline(1.0, color="k", lw=0.8)
     ax2.set_ylabel("compiled FLOPs per step / SGD")

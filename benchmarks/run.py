@@ -23,6 +23,7 @@ benchmarks.report`` turns them into tables and plots.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from typing import Any, Optional
 
@@ -74,29 +75,42 @@ def fashion_task(epochs: int, train_examples: Optional[int] = None,
 
 
 def fashion_mlp_task(epochs: int, hidden: tuple[int, ...] = (512, 256),
-                     batch: int = 128) -> train_lib.Task:
+                     batch: int = 128,
+                     label_noise: float = 0.0) -> train_lib.Task:
   """Fashion-MNIST (all 60k) with an MLP: cheap enough on a CPU to train to
-  convergence (the CNN's convolutions cost ~0.3 s a step on 2 cores)."""
+  convergence (the CNN's convolutions cost ~0.3 s a step on 2 cores).
+
+  ``label_noise`` > 0 replaces that fraction of the *training* labels by a
+  different class drawn uniformly (seeded by the run's seed; test labels
+  stay clean).
+  """
   from benchmarks import data  # pylint: disable=g-import-not-at-top
   from optax_sam.models.vision import MLP  # pylint: disable=g-import-not-at-top
 
   cache = {}
 
   def load(seed):
-    del seed  # the split is fixed; the seed orders batches and inits
+    # The split is fixed; the seed orders batches and inits (and the noise).
     if "d" not in cache:
       cache["d"] = data.load_fashion_mnist()
-    return cache["d"]
+    (xtr, ytr), test = cache["d"]
+    if label_noise:
+      rng = np.random.default_rng(seed)
+      ytr = data.symmetric_noise(ytr, label_noise, 10, rng)
+    return (xtr, ytr), test
 
-  return train_lib.Task("fashion_mnist_mlp", load,
-                        lambda: MLP(hidden=hidden), epochs, batch, 0.05)
+  name = "fashion_mnist_mlp" + (f"_noise{label_noise:g}" if label_noise
+                                else "")
+  return train_lib.Task(name, load, lambda: MLP(hidden=hidden), epochs,
+                        batch, 0.05)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"tasks": lambda: [digits_task(2)], "seeds": [0],
              "methods": "sgd,sam", "cost_rounds": 2},
-    "quick": {"tasks": lambda: [digits_task(40),
-                                fashion_task(3, train_examples=6000)],
+    # README's main command, < 10 min on 2 CPU cores: the CNN costs ~0.3 s
+    # a step there, so Fashion-MNIST gets the MLP (all 60k, 2 epochs).
+    "quick": {"tasks": lambda: [digits_task(40), fashion_mlp_task(2)],
               "seeds": [0, 1, 2],
               "methods": "sgd,sam,asam,layerwise_sam,arsam,looksam",
               "cost_rounds": 5},
@@ -110,6 +124,13 @@ PRESETS: dict[str, dict[str, Any]] = {
     "full_mlp": {"tasks": lambda: [fashion_mlp_task(20)], "seeds": [0, 1, 2],
                  "methods": "sgd,sam,asam,layerwise_sam,arsam,looksam",
                  "cost_rounds": 10},
+    # SAM's other documented benefit: robustness to noisy labels (Foret et
+    # al. 2021, Sec. 4); 20% of the training labels replaced at random.
+    "full_mlp_noise": {"tasks": lambda: [fashion_mlp_task(20,
+                                                          label_noise=0.2)],
+                       "seeds": [0, 1, 2],
+                       "methods": "sgd,sam,asam,layerwise_sam,arsam,looksam",
+                       "cost_rounds": 10},
 }
 
 
@@ -120,55 +141,120 @@ def _state_bytes(state) -> int:
   return int(sum(np.asarray(x).nbytes for x in jax.tree.leaves(state)))
 
 
+# A method's steps run one or more static programs (a layer selection, or
+# recompute/reuse); each is a branch ``(name, extra update kwargs, fraction of
+# the steps)``. Single-program methods have one branch named None.
+Branch = tuple[Optional[str], dict[str, Any], float]
+
+
+def _is_reuse(method: methods_lib.Method, params) -> bool:
+  return method.specialized and hasattr(method.tx.init(params),
+                                        "next_recompute")
+
+
+def program_weights(built: dict[str, methods_lib.Method], params,
+                    runs: list[dict[str, Any]], labels: Any = None
+                    ) -> dict[str, list[Branch]]:
+  """The static programs each method ran, weighted by the fraction of
+  training steps (over all seeds) that ran them.
+
+  Reuse methods driven by the host: recompute / reuse, by the runs' recompute
+  fraction. Layer-selective methods with a host-driven selection: every
+  distinct selection in the runs' traces, by how often it was held. Others:
+  one program.
+  """
+  groups_names = None
+  out: dict[str, list[Branch]] = {}
+  for name, m in built.items():
+    mine = [r for r in runs if r["method"] == name]
+    if _is_reuse(m, params):
+      f = float(np.mean([r["recompute_fraction"] for r in mine])) if mine \
+          else 0.5
+      out[name] = [("recompute", {"static_recompute": True}, f),
+                   ("reuse", {"static_recompute": False}, 1.0 - f)]
+    elif m.policy is not None:
+      counts: dict[tuple[bool, ...], int] = {}
+      for r in mine:
+        sel = r.get("selection") or {}
+        groups_names = sel.get("groups", groups_names)
+        for _, flags in sel.get("trace", []):
+          key = tuple(bool(f) for f in flags)
+          counts[key] = counts.get(key, 0) + 1
+      if not counts:  # no trace: the policy's first selection
+        g = optax_sam.layer_groups(params, labels=labels)
+        sel0 = m.policy.init(g.num_groups, None).selection
+        counts = {tuple(bool(f) for f in np.asarray(sel0)): 1}
+        groups_names = list(g.names)
+      total = sum(counts.values())
+      out[name] = [
+          ("+".join(n for n, f in zip(groups_names, flags) if f),
+           {"static_selection": flags}, c / total)
+          for flags, c in sorted(counts.items(), key=lambda kv: -kv[1])]
+    else:
+      out[name] = [(None, {}, 1.0)]
+  return out
+
+
 def measure_cost(task: train_lib.Task, built: dict[str, methods_lib.Method],
-                 *, rounds: int, steps_per_round: int = 5) -> dict[str, Any]:
-  """Compiled FLOPs, memory, state bytes, interleaved wall time per step."""
+                 weights: Optional[dict[str, list[Branch]]] = None, *,
+                 rounds: int, steps_per_round: int = 5) -> dict[str, Any]:
+  """Compiled FLOPs, memory, state bytes, interleaved wall time per step.
+
+  Every static program a method ran (``weights``, see
+  :func:`program_weights`) is compiled and timed, interleaved with SGD in
+  one process; a method that ran several is reported per program
+  (``"method[branch]"``) and amortized by the fraction of steps that ran
+  each (``"method"``, with ``amortized: True`` and the fractions).
+  """
   (xtr, ytr), _ = task.load(0)
   model = task.model()
   x, y = jnp.asarray(xtr[:task.batch]), jnp.asarray(ytr[:task.batch])
   params = model.init(jax.random.PRNGKey(0), x[:1])["params"]
   loss_fn = train_lib.cross_entropy(model)
+  groups = optax_sam.layer_groups(params, labels=task.labels)
   problem = cost_lib.Problem(task.name, params, loss_fn, False, (x, y),
-                             optax_sam.layer_groups(params,
-                                                    labels=task.labels),
-                             task.labels)
+                             groups, task.labels)
+  if weights is None:
+    weights = program_weights(built, params, [], task.labels)
   rows, steps, init = {}, {}, {}
   bind = lambda f, kw: lambda p, s, *b: f(p, s, *b, **kw)
   for name, m in built.items():
     state = m.tx.init(params)
     fn = cost_lib.train_step_fn(m.tx, problem)
-    extra = {}
-    if m.policy is not None:  # cost at its first selection (output side)
-      sel = m.policy.init(problem.groups.num_groups, None).selection
-      extra["static_selection"] = tuple(bool(f) for f in np.asarray(sel))
-    if hasattr(state, "next_recompute") and m.specialized:
-      # Two programs; amortized with the runs' recompute fraction later.
-      for branch, flag in (("recompute", True), ("reuse", False)):
-        key = f"{name}[{branch}]"
-        rows[key] = cost_lib.compiled_cost(
-            bind(fn, {"static_recompute": flag}), params, state, x, y)
-        rows[key]["state_bytes"] = _state_bytes(state)
-        steps[key] = jax.jit(bind(fn, {"static_recompute": flag}))
-        init[key] = (params, state)
-      continue
-    bound = bind(fn, extra)
-    rows[name] = cost_lib.compiled_cost(bound, params, state, x, y)
-    rows[name]["state_bytes"] = _state_bytes(state)
-    if extra:
-      rows[name]["at_selection"] = [
-          n for n, f in zip(problem.groups.names,
-                            extra["static_selection"]) if f]
-    steps[name] = jax.jit(bound)
-    init[name] = (params, state)
+    for branch, extra, _ in weights[name]:
+      key = name if branch is None else f"{name}[{branch}]"
+      bound = bind(fn, extra)
+      rows[key] = cost_lib.compiled_cost(bound, params, state, x, y)
+      rows[key]["state_bytes"] = _state_bytes(state)
+      if "static_selection" in extra:
+        rows[key]["ascent_active"] = optax_sam.mask_fraction(
+            groups.mask_from_flags(extra["static_selection"]), params)
+      steps[key] = jax.jit(bound)
+      init[key] = (params, state)
   times = cost_lib.interleaved_times(steps, init, (x, y), rounds=rounds,
                                      steps_per_round=steps_per_round)
   sgd = rows.get("sgd")
-  for name, row in rows.items():
-    row["step_s"] = times[name]["median_s"]
+  for key, row in rows.items():
+    row["step_s"] = times[key]["median_s"]
     if sgd is not None:
       row["flops_ratio"] = row["flops"] / sgd["flops"]
       row["time_ratio"] = row["step_s"] / times["sgd"]["median_s"]
       row["extra_state_bytes"] = row["state_bytes"] - sgd["state_bytes"]
+  for name, branches in weights.items():
+    if len(branches) == 1 and branches[0][0] is None:
+      continue
+    parts = [(rows[f"{name}[{b}]"], f) for b, _, f in branches]
+    row = {"amortized": True,
+           "fractions": {b: f for b, _, f in branches},
+           "extra_state_bytes": parts[0][0].get("extra_state_bytes"),
+           "temp_bytes": max(r["temp_bytes"] for r, _ in parts)}
+    for k in ("flops_ratio", "time_ratio", "flops", "step_s",
+              "ascent_active"):
+      if all(k in r for r, _ in parts):
+        row[k] = sum(f * r[k] for r, f in parts)
+    if len(branches) == 2 and branches[0][0] == "recompute":
+      row["recompute_fraction"] = branches[0][2]
+    rows[name] = row
   return rows
 
 
@@ -210,20 +296,6 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
   return out
 
 
-def amortize(cost: dict[str, Any], summary: dict[str, Any]) -> None:
-  """Cost of two-program methods, weighted by their recompute fraction."""
-  for method, s in summary.items():
-    rec, reuse = cost.get(f"{method}[recompute]"), cost.get(f"{method}[reuse]")
-    f = s.get("recompute_fraction")
-    if rec is None or reuse is None or f is None:
-      continue
-    row = {"recompute_fraction": f, "amortized": True}
-    for key in ("flops_ratio", "time_ratio", "flops", "step_s"):
-      if key in rec and key in reuse:
-        row[key] = f * rec[key] + (1 - f) * reuse[key]
-    cost[method] = row
-
-
 def format_tables(task: str, cost: dict[str, Any],
                   summary: dict[str, Any]) -> str:
   lines = [f"\n{task}",
@@ -244,6 +316,46 @@ def format_tables(task: str, cost: dict[str, Any],
   return "\n".join(lines)
 
 
+def _params_of(task: train_lib.Task):
+  (xtr, _), _ = task.load(0)
+  return task.model().init(jax.random.PRNGKey(0),
+                           jnp.asarray(xtr[:1]))["params"]
+
+
+def _build(task: train_lib.Task, method_names, hparams):
+  return {m: methods_lib.build(m, optax.sgd(0.01, momentum=0.9),
+                               labels=task.labels, **hparams.get(m, {}))
+          for m in method_names}
+
+
+def recost(path: str, rounds: Optional[int] = None) -> dict[str, Any]:
+  """Measures the cost section of a results file again, from its runs.
+
+  The runs (accuracies, selection traces, recompute fractions) are kept;
+  the cost of every program they ran is compiled and timed now, and the
+  file gets a ``cost_provenance`` entry saying so.
+  """
+  with open(path) as f:
+    res = json.load(f)
+  preset = PRESETS[res["preset"]]
+  tasks = {t.name: t for t in preset["tasks"]()}
+  hparams = res.get("hparams", {})
+  for name, r in res["results"].items():
+    task = tasks[name]
+    built = _build(task, res["methods"], hparams)
+    weights = program_weights(built, _params_of(task), r["runs"],
+                              task.labels)
+    r["cost"] = measure_cost(task, built, weights,
+                             rounds=rounds or preset["cost_rounds"])
+    print(format_tables(name, r["cost"], r["summary"]), flush=True)
+  res["cost_provenance"] = provenance.provenance(res["provenance"]["seeds"])
+  with open(path, "w") as f:
+    json.dump(res, f, indent=1, default=float)
+    f.write("\n")
+  print(f"\nrewrote the cost section of {path}")
+  return res
+
+
 def main(argv=None) -> dict[str, Any]:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--preset", default="quick", choices=sorted(PRESETS))
@@ -257,8 +369,13 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument("--results-dir", default=None)
   parser.add_argument("--no-write", action="store_true")
   parser.add_argument("--no-progress", action="store_true")
+  parser.add_argument("--recost", default=None, metavar="RESULTS_JSON",
+                      help="re-measure the cost section of a results file "
+                      "from its recorded runs (no training)")
   args = parser.parse_args(argv)
   provenance.record_start()
+  if args.recost:
+    return recost(args.recost)
   preset = PRESETS[args.preset]
   method_names = (args.methods or preset["methods"]).split(",")
   if "sgd" not in method_names:
@@ -268,10 +385,6 @@ def main(argv=None) -> dict[str, Any]:
   hparams = methods_lib.parse_hparams(args.hparams)
   results = {}
   for task in preset["tasks"]():
-    built = {m: methods_lib.build(m, optax.sgd(0.01, momentum=0.9),
-                                  labels=task.labels, **hparams.get(m, {}))
-             for m in method_names}
-    cost = measure_cost(task, built, rounds=preset["cost_rounds"])
     runs = []
     for seed in seeds:
       data = task.load(seed)
@@ -280,7 +393,10 @@ def main(argv=None) -> dict[str, Any]:
                                     hparams=hparams.get(m, {}), data=data,
                                     progress=not args.no_progress))
     summary = summarize(runs)
-    amortize(cost, summary)
+    # Cost after training: every program the runs used, by how often.
+    built = _build(task, method_names, hparams)
+    weights = program_weights(built, _params_of(task), runs, task.labels)
+    cost = measure_cost(task, built, weights, rounds=preset["cost_rounds"])
     task_info = {k: (v if not callable(v) else getattr(v, "__name__", "fn"))
                  for k, v in task._asdict().items()
                  if k not in ("load", "model")}

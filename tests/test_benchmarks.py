@@ -32,6 +32,16 @@ def test_tiny_preset_end_to_end(tmp_path):
     assert np.isfinite(r["grad_norm"]) and np.isfinite(r["hessian_top_eig"])
   lagnp = [r for r in task["runs"] if r["method"] == "lagnp"][0]
   assert lagnp["selection"]["groups"]
+  # lagnp's cost is amortized over the selections its runs actually held.
+  c = task["cost"]["lagnp"]
+  assert c["amortized"] and abs(sum(c["fractions"].values()) - 1.0) < 1e-9
+  held = {"+".join(n for n, f in zip(lagnp["selection"]["groups"], flags)
+                   if f) for _, flags in lagnp["selection"]["trace"]}
+  assert set(c["fractions"]) == held
+  expect = sum(f * task["cost"][f"lagnp[{b}]"]["flops_ratio"]
+               for b, f in c["fractions"].items())
+  assert abs(c["flops_ratio"] - expect) < 1e-9
+  assert 0.0 < c["ascent_active"] <= 1.0
   with open(tmp_path / "tiny.json") as f:
     saved = json.load(f)
   prov = saved["provenance"]
@@ -96,3 +106,29 @@ def test_lm_pretrain_finetune_smoke():
                  "--batch", "4", "--no-write"])
   assert set(out["summary"]) == {"sgd", "sam"}
   assert all(np.isfinite(r["val_loss"]) for r in out["runs"])
+
+
+def test_program_weights_from_runs():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  params = {"a": {"w": jnp.zeros((3, 2))}, "b": {"w": jnp.zeros((2, 2))}}
+  built = {"sgd": methods.build("sgd", optax.sgd(0.1)),
+           "arsam": methods.build("arsam", optax.sgd(0.1)),
+           "lagnp": methods.build("lagnp", optax.sgd(0.1), num_layers=1)}
+  runs = [{"method": "arsam", "recompute_fraction": 0.2},
+          {"method": "arsam", "recompute_fraction": 0.4},
+          {"method": "lagnp", "selection": {
+              "groups": ["a", "b"],
+              "trace": [[0, [0, 1]], [20, [1, 0]], [40, [1, 0]],
+                        [60, [1, 0]]]}}]
+  w = run.program_weights(built, params, runs)
+  assert w["sgd"] == [(None, {}, 1.0)]
+  (rec, rec_kw, f), (reuse, reuse_kw, g) = w["arsam"]
+  assert (rec, reuse) == ("recompute", "reuse")
+  assert rec_kw == {"static_recompute": True}
+  assert reuse_kw == {"static_recompute": False}
+  assert abs(f - 0.3) < 1e-9 and abs(g - 0.7) < 1e-9
+  assert {b: frac for b, _, frac in w["lagnp"]} == {"a": 0.75, "b": 0.25}
+  assert w["lagnp"][0][1] == {"static_selection": (True, False)}
+  # Without runs: the policy's first selection (output side).
+  w0 = run.program_weights(built, params, [])
+  assert [(b, frac) for b, _, frac in w0["lagnp"]] == [("b", 1.0)]
