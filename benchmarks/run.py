@@ -75,8 +75,8 @@ def fashion_task(epochs: int, train_examples: Optional[int] = None,
 
 
 def fashion_mlp_task(epochs: int, hidden: tuple[int, ...] = (512, 256),
-                     batch: int = 128,
-                     label_noise: float = 0.0) -> train_lib.Task:
+                     batch: int = 128, label_noise: float = 0.0,
+                     augment: bool = False) -> train_lib.Task:
   """Fashion-MNIST (all 60k) with an MLP: cheap enough on a CPU to train to
   convergence (the CNN's convolutions cost ~0.3 s a step on 2 cores).
 
@@ -99,10 +99,10 @@ def fashion_mlp_task(epochs: int, hidden: tuple[int, ...] = (512, 256),
       ytr = data.symmetric_noise(ytr, label_noise, 10, rng)
     return (xtr, ytr), test
 
-  name = "fashion_mnist_mlp" + (f"_noise{label_noise:g}" if label_noise
-                                else "")
+  name = ("fashion_mnist_mlp" + (f"_noise{label_noise:g}" if label_noise
+                                 else "") + ("_aug" if augment else ""))
   return train_lib.Task(name, load, lambda: MLP(hidden=hidden), epochs,
-                        batch, 0.05)
+                        batch, 0.05, augment=augment)
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -131,6 +131,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                        "seeds": [0, 1, 2],
                        "methods": "sgd,sam,asam,layerwise_sam,arsam,looksam",
                        "cost_rounds": 10},
+    # Noisy labels hurt SGD once it trains long enough to memorize them.
+    "full_mlp_noise_long": {"tasks": lambda: [fashion_mlp_task(
+        60, label_noise=0.2)], "seeds": [0, 1, 2], "methods": "sgd,sam,asam",
+                            "cost_rounds": 5},
+    # The SAM paper's setting has augmentation: random crops and flips.
+    "full_mlp_aug": {"tasks": lambda: [fashion_mlp_task(20, augment=True)],
+                     "seeds": [0, 1, 2], "methods": "sgd,sam,asam",
+                     "cost_rounds": 5},
 }
 
 

@@ -47,6 +47,9 @@ class Task(NamedTuple):
     lr: peak learning rate (cosine decay to 0), SGD momentum 0.9.
     weight_decay: decoupled into the base optimizer (same for all methods).
     labels: layer labels for layer-selective methods (None: default).
+    augment: random 2-pixel crop after zero padding and horizontal flip of
+      each training batch (``data.augment``), the same draws for every
+      method (keyed by seed and step).
   """
   name: str
   load: Callable[[int], Any]
@@ -56,6 +59,7 @@ class Task(NamedTuple):
   lr: float
   weight_decay: float = 5e-4
   labels: Any = None
+  augment: bool = False
 
 
 def cross_entropy(model):
@@ -136,6 +140,8 @@ def train(task: Task, method: str, seed: int, *,
 
     compilations = step._cache_size  # pylint: disable=protected-access
 
+  augment = jax.jit(data_lib.augment) if task.augment else None
+  aug_key = jax.random.PRNGKey(10_000 + seed)
   history, selections = [], []
   train_time, first_step_s, t = 0.0, None, 0
   bar = (tqdm(total=total, desc=f"{task.name}/{method}/s{seed}", leave=False)
@@ -146,6 +152,8 @@ def train(task: Task, method: str, seed: int, *,
     order = data_lib.epoch_batches(len(xtr), task.batch, seed, epoch)
     for xb, yb in data_lib.prefetch((xtr[i], ytr[i]) for i in order):
       ts = time.perf_counter()
+      if augment is not None:
+        xb = augment(jax.random.fold_in(aug_key, t), xb)
       params, state, loss = step(params, state, xb, yb)
       if first_step_s is None:
         jax.block_until_ready(params)

@@ -132,3 +132,15 @@ def test_program_weights_from_runs():
   # Without runs: the policy's first selection (output side).
   w0 = run.program_weights(built, params, [])
   assert [(b, frac) for b, _, frac in w0["lagnp"]] == [("b", 1.0)]
+
+
+def test_augmented_training_is_seeded_and_differs():
+  task = run.digits_task(1)._replace(augment=False)
+  aug = task._replace(augment=True)
+  data = task.load(0)
+  plain_run = train.train(task, "sgd", 0, data=data, progress=False)
+  a = train.train(aug, "sgd", 0, data=data, progress=False)
+  b = train.train(aug, "sgd", 0, data=data, progress=False)
+  assert a["history"][-1]["train_loss"] == b["history"][-1]["train_loss"]
+  assert a["history"][-1]["train_loss"] != plain_run["history"][-1][
+      "train_loss"]
