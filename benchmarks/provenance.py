@@ -20,14 +20,16 @@ def _version(pkg: str) -> str | None:
 
 
 def git_commit() -> str | None:
-  """The checkout's HEAD commit, with ``+dirty`` when files are modified."""
+  """The checkout's HEAD commit, with ``+dirty`` when code is modified
+  (results files written by earlier runs do not count)."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   try:
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root,
                           capture_output=True, text=True, check=True)
     dirty = subprocess.run(["git", "status", "--porcelain",
                             "--untracked-files=no", "--",
-                            "optax_sam", "benchmarks"], cwd=root,
+                            "optax_sam", "benchmarks",
+                            ":(exclude)benchmarks/results"], cwd=root,
                            capture_output=True, text=True, check=True)
   except (OSError, subprocess.CalledProcessError):
     return None
