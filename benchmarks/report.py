@@ -27,7 +27,9 @@ def _fmt(x, spec=".3f", none="-"):
 def _provenance_line(prov: dict[str, Any]) -> str:
   d = prov.get("device", {})
   v = prov.get("versions", {})
-  return (f"_{prov.get('date', '?')}, commit `{str(prov.get('git_commit'))[:12]}`"
+  commit = str(prov.get("git_commit"))
+  commit = commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
+  return (f"_{prov.get('date', '?')}, commit `{commit}`"
           f", {d.get('platform', '?')} ({d.get('kind', '?')}, "
           f"{d.get('cpu_count', '?')} CPU cores), jax {v.get('jax')}, "
           f"seeds {prov.get('seeds')}; command: `{prov.get('command')}`_")
