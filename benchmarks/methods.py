@@ -69,7 +69,9 @@ def _layerwise(base, rho=0.05, num_layers=2, interval=100,
   tx = optax_sam.layerwise_sam(base, rho=rho, num_layers=num_layers,
                                interval=interval, executor=executor,
                                labels=labels, **hp)
-  policy = (optax_sam.layerwise_policy(num_layers, interval)
+  policy = (optax_sam.layerwise_policy(
+      num_layers, interval, **{k: hp[k] for k in ("statistic", "ema",
+                                                   "initial") if k in hp})
             if executor == "specialize" else None)
   return Method(tx, policy, dict(rho=rho, num_layers=num_layers,
                                  interval=interval, executor=executor, **hp),

@@ -25,7 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -151,51 +151,45 @@ def _state_bytes(state) -> int:
 
 # A method's steps run one or more static programs (a layer selection, or
 # recompute/reuse); each is a branch ``(name, extra update kwargs, fraction of
-# the steps)``. Single-program methods have one branch named None.
-Branch = tuple[Optional[str], dict[str, Any], float]
-
-
-def _is_reuse(method: methods_lib.Method, params) -> bool:
-  return method.specialized and hasattr(method.tx.init(params),
-                                        "next_recompute")
+# the steps or None if unknown)``. Single-program methods have one branch
+# named None.
+Branch = tuple[Optional[str], dict[str, Any], Optional[float]]
 
 
 def program_weights(built: dict[str, methods_lib.Method], params,
-                    runs: list[dict[str, Any]], labels: Any = None
+                    runs: Sequence[dict[str, Any]] = (), labels: Any = None
                     ) -> dict[str, list[Branch]]:
   """The static programs each method ran, weighted by the fraction of
   training steps (over all seeds) that ran them.
 
   Reuse methods driven by the host: recompute / reuse, by the runs' recompute
-  fraction. Layer-selective methods with a host-driven selection: every
-  distinct selection in the runs' traces, by how often it was held. Others:
-  one program.
+  fraction (None without runs). Layer-selective methods with a host-driven
+  selection: every distinct selection in the runs' traces, by how often it
+  was held (without runs: the policy's first selection). Others: one
+  program.
   """
-  groups_names = None
+  groups = optax_sam.layer_groups(params, labels=labels)
   out: dict[str, list[Branch]] = {}
   for name, m in built.items():
     mine = [r for r in runs if r["method"] == name]
-    if _is_reuse(m, params):
-      f = float(np.mean([r["recompute_fraction"] for r in mine])) if mine \
-          else 0.5
+    if m.specialized and hasattr(m.tx.init(params), "next_recompute"):
+      f = (float(np.mean([r["recompute_fraction"] for r in mine]))
+           if mine else None)
       out[name] = [("recompute", {"static_recompute": True}, f),
-                   ("reuse", {"static_recompute": False}, 1.0 - f)]
+                   ("reuse", {"static_recompute": False},
+                    None if f is None else 1.0 - f)]
     elif m.policy is not None:
       counts: dict[tuple[bool, ...], int] = {}
       for r in mine:
-        sel = r.get("selection") or {}
-        groups_names = sel.get("groups", groups_names)
-        for _, flags in sel.get("trace", []):
+        for _, flags in (r.get("selection") or {}).get("trace", []):
           key = tuple(bool(f) for f in flags)
           counts[key] = counts.get(key, 0) + 1
-      if not counts:  # no trace: the policy's first selection
-        g = optax_sam.layer_groups(params, labels=labels)
-        sel0 = m.policy.init(g.num_groups, None).selection
+      if not counts:
+        sel0 = m.policy.init(groups.num_groups, None).selection
         counts = {tuple(bool(f) for f in np.asarray(sel0)): 1}
-        groups_names = list(g.names)
       total = sum(counts.values())
       out[name] = [
-          ("+".join(n for n, f in zip(groups_names, flags) if f),
+          ("+".join(n for n, f in zip(groups.names, flags) if f),
            {"static_selection": flags}, c / total)
           for flags, c in sorted(counts.items(), key=lambda kv: -kv[1])]
     else:
@@ -204,15 +198,16 @@ def program_weights(built: dict[str, methods_lib.Method], params,
 
 
 def measure_cost(task: train_lib.Task, built: dict[str, methods_lib.Method],
-                 weights: Optional[dict[str, list[Branch]]] = None, *,
-                 rounds: int, steps_per_round: int = 5) -> dict[str, Any]:
+                 runs: Sequence[dict[str, Any]] = (), *, rounds: int,
+                 steps_per_round: int = 5) -> dict[str, Any]:
   """Compiled FLOPs, memory, state bytes, interleaved wall time per step.
 
-  Every static program a method ran (``weights``, see
+  Every static program a method ran in ``runs`` (see
   :func:`program_weights`) is compiled and timed, interleaved with SGD in
   one process; a method that ran several is reported per program
-  (``"method[branch]"``) and amortized by the fraction of steps that ran
-  each (``"method"``, with ``amortized: True`` and the fractions).
+  (``"method[branch]"``) and, when the fractions are known, amortized by the
+  fraction of steps that ran each (``"method"``, with ``amortized: True``
+  and the fractions).
   """
   (xtr, ytr), _ = task.load(0)
   model = task.model()
@@ -222,8 +217,7 @@ def measure_cost(task: train_lib.Task, built: dict[str, methods_lib.Method],
   groups = optax_sam.layer_groups(params, labels=task.labels)
   problem = cost_lib.Problem(task.name, params, loss_fn, False, (x, y),
                              groups, task.labels)
-  if weights is None:
-    weights = program_weights(built, params, [], task.labels)
+  weights = program_weights(built, params, runs, task.labels)
   rows, steps, init = {}, {}, {}
   bind = lambda f, kw: lambda p, s, *b: f(p, s, *b, **kw)
   for name, m in built.items():
@@ -249,8 +243,8 @@ def measure_cost(task: train_lib.Task, built: dict[str, methods_lib.Method],
       row["time_ratio"] = row["step_s"] / times["sgd"]["median_s"]
       row["extra_state_bytes"] = row["state_bytes"] - sgd["state_bytes"]
   for name, branches in weights.items():
-    if len(branches) == 1 and branches[0][0] is None:
-      continue
+    if branches[0][0] is None or any(f is None for _, _, f in branches):
+      continue  # one program, or fractions unknown (no runs)
     parts = [(rows[f"{name}[{b}]"], f) for b, _, f in branches]
     row = {"amortized": True,
            "fractions": {b: f for b, _, f in branches},
@@ -260,7 +254,7 @@ def measure_cost(task: train_lib.Task, built: dict[str, methods_lib.Method],
               "ascent_active"):
       if all(k in r for r, _ in parts):
         row[k] = sum(f * r[k] for r, f in parts)
-    if len(branches) == 2 and branches[0][0] == "recompute":
+    if branches[0][0] == "recompute":
       row["recompute_fraction"] = branches[0][2]
     rows[name] = row
   return rows
@@ -324,12 +318,6 @@ def format_tables(task: str, cost: dict[str, Any],
   return "\n".join(lines)
 
 
-def _params_of(task: train_lib.Task):
-  (xtr, _), _ = task.load(0)
-  return task.model().init(jax.random.PRNGKey(0),
-                           jnp.asarray(xtr[:1]))["params"]
-
-
 def _build(task: train_lib.Task, method_names, hparams):
   return {m: methods_lib.build(m, optax.sgd(0.01, momentum=0.9),
                                labels=task.labels, **hparams.get(m, {}))
@@ -350,10 +338,8 @@ def recost(path: str, rounds: Optional[int] = None) -> dict[str, Any]:
   hparams = res.get("hparams", {})
   for name, r in res["results"].items():
     task = tasks[name]
-    built = _build(task, res["methods"], hparams)
-    weights = program_weights(built, _params_of(task), r["runs"],
-                              task.labels)
-    r["cost"] = measure_cost(task, built, weights,
+    r["cost"] = measure_cost(task, _build(task, res["methods"], hparams),
+                             r["runs"],
                              rounds=rounds or preset["cost_rounds"])
     print(format_tables(name, r["cost"], r["summary"]), flush=True)
   res["cost_provenance"] = provenance.provenance(res["provenance"]["seeds"])
@@ -402,9 +388,8 @@ def main(argv=None) -> dict[str, Any]:
                                     progress=not args.no_progress))
     summary = summarize(runs)
     # Cost after training: every program the runs used, by how often.
-    built = _build(task, method_names, hparams)
-    weights = program_weights(built, _params_of(task), runs, task.labels)
-    cost = measure_cost(task, built, weights, rounds=preset["cost_rounds"])
+    cost = measure_cost(task, _build(task, method_names, hparams), runs,
+                        rounds=preset["cost_rounds"])
     task_info = {k: (v if not callable(v) else getattr(v, "__name__", "fn"))
                  for k, v in task._asdict().items()
                  if k not in ("load", "model")}

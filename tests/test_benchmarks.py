@@ -129,9 +129,11 @@ def test_program_weights_from_runs():
   assert abs(f - 0.3) < 1e-9 and abs(g - 0.7) < 1e-9
   assert {b: frac for b, _, frac in w["lagnp"]} == {"a": 0.75, "b": 0.25}
   assert w["lagnp"][0][1] == {"static_selection": (True, False)}
-  # Without runs: the policy's first selection (output side).
-  w0 = run.program_weights(built, params, [])
+  # Without runs: the policy's first selection (output side), and unknown
+  # recompute fractions (no amortized figure is made up).
+  w0 = run.program_weights(built, params)
   assert [(b, frac) for b, _, frac in w0["lagnp"]] == [("b", 1.0)]
+  assert [frac for _, _, frac in w0["arsam"]] == [None, None]
 
 
 def test_augmented_training_is_seeded_and_differs():
