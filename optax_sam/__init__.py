@@ -9,6 +9,10 @@ returns an ``optax.GradientTransformationExtraArgs``. Two call paths:
 """
 
 from optax_sam._src.asam import asam
+from optax_sam._src.conv import conv_general_dilated
+from optax_sam._src.conv import forward_form_convs
+from optax_sam._src.conv import forward_form_covers
+from optax_sam._src.conv import select_conv
 from optax_sam._src.executors import Executor
 from optax_sam._src.executors import Menu
 from optax_sam._src.executors import SpecializedStep
@@ -87,8 +91,11 @@ __all__ = (
     "asam",
     "asam_perturbation",
     "bandit",
+    "conv_general_dilated",
     "depth_menu",
     "fixed",
+    "forward_form_convs",
+    "forward_form_covers",
     "lagnp",
     "layer_groups",
     "layerwise_policy",
@@ -116,6 +123,7 @@ __all__ = (
     "sam_perturbation",
     "scale_by_parameter_magnitude",
     "scale_by_rho",
+    "select_conv",
     "selective_sam",
     "sharpness_aware",
     "subset_menu",

@@ -261,10 +261,12 @@ class SpecializedStep:
 
   def __init__(self, tx, loss_fn: Callable[..., Any], *, has_aux: bool = False,
                policy=None, max_cache: int = 8,
-               jit: Callable[..., Any] = jax.jit):
+               jit: Callable[..., Any] = jax.jit,
+               conv_backward: str = "auto"):
     if max_cache < 1:
       raise ValueError(f"max_cache must be >= 1, got {max_cache}.")
-    self._update = step_lib.make_update(tx, loss_fn, has_aux=has_aux)
+    self._update = step_lib.make_update(tx, loss_fn, has_aux=has_aux,
+                                        conv_backward=conv_backward)
     self._policy = policy
     self._max_cache = max_cache
     self._jit = jit
