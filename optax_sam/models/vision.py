@@ -31,6 +31,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Optional
 
@@ -38,6 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from optax_sam._src.conv import select_conv
 from optax_sam.models.layers import TransformerBlock
 from optax_sam.models.layers import depth_name
 
@@ -45,6 +47,11 @@ Array = jax.Array
 
 # He (fan-out) initialisation, as in the reference ResNet/WRN code.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+# Every convolution of these models computes its gradients in forward form on
+# the CPU (fast inside the conditional branches of the selective and reuse
+# methods; see optax_sam.conv_general_dilated) and with XLA's rule elsewhere.
+Conv = functools.partial(nn.Conv, conv_general_dilated=select_conv("auto"))
 
 
 def _batch_norm(train: bool, axis_name: Optional[str], name: str) -> nn.Module:
@@ -98,7 +105,7 @@ class SmallCNN(nn.Module):
     del train
     w = self.width
     for i, c in enumerate((w, w, 2 * w, 2 * w, 4 * w, 4 * w)):
-      x = nn.relu(nn.Conv(c, (3, 3), padding="SAME", name=f"conv{i}")(x))
+      x = nn.relu(Conv(c, (3, 3), padding="SAME", name=f"conv{i}")(x))
       if i % 2 == 1:
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
@@ -114,7 +121,7 @@ class _ResidualShortcut(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    x = nn.Conv(self.features, (1, 1), strides=self.strides, use_bias=False,
+    x = Conv(self.features, (1, 1), strides=self.strides, use_bias=False,
                 kernel_init=_conv_init, name="a_conv")(x)
     return _batch_norm(train, self.bn_axis_name, "b_bn")(x)
 
@@ -131,10 +138,10 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    y = nn.Conv(self.features, (3, 3), strides=self.strides, padding=1,
+    y = Conv(self.features, (3, 3), strides=self.strides, padding=1,
                 use_bias=False, kernel_init=_conv_init, name="a_conv")(x)
     y = nn.relu(_batch_norm(train, self.bn_axis_name, "b_bn")(y))
-    y = nn.Conv(self.features, (3, 3), padding=1, use_bias=False,
+    y = Conv(self.features, (3, 3), padding=1, use_bias=False,
                 kernel_init=_conv_init, name="c_conv")(y)
     y = _batch_norm(train, self.bn_axis_name, "d_bn")(y)
     if self.strides != 1 or x.shape[-1] != self.features:
@@ -179,7 +186,7 @@ class _Stem(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    x = nn.Conv(self.features, (3, 3), padding=1, use_bias=False,
+    x = Conv(self.features, (3, 3), padding=1, use_bias=False,
                 kernel_init=_conv_init, name="a_conv")(x)
     return nn.relu(_batch_norm(train, self.bn_axis_name, "b_bn")(x))
 
@@ -198,14 +205,14 @@ class WideBasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     h = nn.relu(_batch_norm(train, self.bn_axis_name, "a_bn")(x))
-    y = nn.Conv(self.features, (3, 3), strides=self.strides, padding=1,
+    y = Conv(self.features, (3, 3), strides=self.strides, padding=1,
                 use_bias=False, kernel_init=_conv_init, name="b_conv")(h)
     y = nn.relu(_batch_norm(train, self.bn_axis_name, "c_bn")(y))
     y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
-    y = nn.Conv(self.features, (3, 3), padding=1, use_bias=False,
+    y = Conv(self.features, (3, 3), padding=1, use_bias=False,
                 kernel_init=_conv_init, name="d_conv")(y)
     if self.strides != 1 or x.shape[-1] != self.features:
-      x = nn.Conv(self.features, (1, 1), strides=self.strides, use_bias=False,
+      x = Conv(self.features, (1, 1), strides=self.strides, use_bias=False,
                   kernel_init=_conv_init, name="e_shortcut")(h)
     return y + x
 
@@ -241,7 +248,7 @@ class WideResNet(nn.Module):
       raise ValueError(f"WRN depth must be 6n + 4 with n >= 1; got "
                        f"{self.depth}.")
     n = (self.depth - 4) // 6
-    x = nn.Conv(self.base_width, (3, 3), padding=1, use_bias=False,
+    x = Conv(self.base_width, (3, 3), padding=1, use_bias=False,
                 kernel_init=_conv_init, name="stage0_stem")(x)
     for g, strides in enumerate((1, 2, 2)):
       features = self.base_width * self.widen_factor * 2**g
@@ -271,7 +278,7 @@ class _PatchEmbed(nn.Module):
     if x.shape[1] % p or x.shape[2] % p:
       raise ValueError(f"image size {x.shape[1:3]} is not divisible by "
                        f"patch_size={p}.")
-    x = nn.Conv(self.hidden, (p, p), strides=(p, p), padding="VALID",
+    x = Conv(self.hidden, (p, p), strides=(p, p), padding="VALID",
                 name="a_patch")(x)
     b, h, w, d = x.shape
     x = x.reshape((b, h * w, d))
