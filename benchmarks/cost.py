@@ -16,7 +16,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -177,9 +177,10 @@ def core_methods(problem: Problem) -> dict[str, optax.GradientTransformation]:
   }
 
 
-def train_step_fn(tx, problem: Problem):
+def train_step_fn(tx, problem: Problem, conv_backward: str = "auto"):
   """A full training step: both passes, optimizer, apply_updates."""
-  step = optax_sam.make_update(tx, problem.loss_fn, has_aux=problem.has_aux)
+  step = optax_sam.make_update(tx, problem.loss_fn, has_aux=problem.has_aux,
+                               conv_backward=conv_backward)
 
   def train_step(params, state, *batch, **extra_args):
     (loss, _), updates, state = step(params, state, *batch, **extra_args)
@@ -197,9 +198,12 @@ def compiled_cost(fn, *args) -> dict[str, float]:
   ca = compiled.cost_analysis()
   if isinstance(ca, (list, tuple)):  # older jax returns a list
     ca = ca[0]
+  text = lowered.as_text()
   out = {"flops": float(ca.get("flops", float("nan"))),
          "bytes_accessed": float(ca.get("bytes accessed", float("nan"))),
-         "compile_s": compile_s}
+         "compile_s": compile_s,
+         # XLA's cost analysis counts a conditional as its costliest branch.
+         "conditional": "stablehlo.case" in text or "stablehlo.if" in text}
   try:
     mem = compiled.memory_analysis()
     out["temp_bytes"] = float(mem.temp_size_in_bytes)
@@ -210,15 +214,16 @@ def compiled_cost(fn, *args) -> dict[str, float]:
 
 def interleaved_times(steps: dict[str, Callable[..., Any]],
                       init: dict[str, tuple[Any, Any]], batch, *,
-                      rounds: int, steps_per_round: int) -> dict[str, Any]:
+                      rounds: int, steps_per_round: int,
+                      progress: bool = False) -> dict[str, Any]:
   """Median seconds per step, methods interleaved round by round."""
   carries = dict(init)
-  for name, fn in steps.items():  # warm-up (compilation) outside timing
-    p, s, _ = fn(*carries[name], *batch)
+  for name, fn in _progress(steps.items(), progress, "compile"):
+    p, s, _ = fn(*carries[name], *batch)  # warm-up (compilation)
     jax.block_until_ready(p)
     carries[name] = (p, s)
   per_round = {name: [] for name in steps}
-  for _ in range(rounds):
+  for _ in _progress(range(rounds), progress, "rounds"):
     for name, fn in steps.items():
       p, s = carries[name]
       t0 = time.perf_counter()
@@ -229,6 +234,16 @@ def interleaved_times(steps: dict[str, Callable[..., Any]],
       carries[name] = (p, s)
   return {name: {"median_s": statistics.median(v), "all_s": v}
           for name, v in per_round.items()}
+
+
+def _progress(it, enabled: bool, desc: str):
+  if not enabled:
+    return it
+  try:
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return it
+  return tqdm(list(it), desc=desc, leave=False)
 
 
 def measure(problem: Problem, methods: dict[str, Any], *, rounds: int,
@@ -260,6 +275,198 @@ def measure(problem: Problem, methods: dict[str, Any], *, rounds: int,
           "groups": problem.groups.describe(), "methods": rows}
 
 
+# ------------------------------------------------------------- executors
+
+
+def handwritten_sam_step(problem: Problem, rho: float = 0.05,
+                         lr: float = 0.01):
+  """Two-pass SAM written by hand in one function (the overhead baseline)."""
+  opt = optax.sgd(lr, momentum=0.9)
+  grad = jax.value_and_grad(problem.loss_fn, has_aux=problem.has_aux)
+
+  def step(params, state, *batch):
+    loss, g = grad(params, *batch)
+    scale = rho / jnp.maximum(optax.global_norm(g), 1e-12)
+    adv = jax.tree.map(lambda p, x: p + scale * x, params, g)
+    _, g_adv = grad(adv, *batch)
+    updates, state = opt.update(g_adv, state, params)
+    return optax.apply_updates(params, updates), state, loss
+
+  return step, opt.init(problem.params)
+
+
+class Program(NamedTuple):
+  """A jitted step and its initial state; ``force`` rewrites the state
+  before every call (outside jit: the decision stays a run-time value)."""
+  fn: Callable[..., Any]
+  state: Any
+  force: Callable[[Any], Any] = lambda s: s
+
+
+def _forcing(fn, force):
+  jitted = jax.jit(fn)
+  return lambda p, s, *b: jitted(p, force(s), *b)
+
+
+def _force_selection(flags):
+  sel = jnp.asarray(np.array(flags, bool))
+  return lambda s: s._replace(policy=s.policy._replace(selection=sel))
+
+
+def _force_recompute(value: bool):
+  v = jnp.asarray(value)
+  return lambda s: s._replace(next_recompute=v)
+
+
+def _suffix(groups: optax_sam.LayerGroups, start: int) -> tuple[bool, ...]:
+  return tuple(i >= start for i in range(groups.num_groups))
+
+
+def _name(groups, flags) -> str:
+  return "+".join(n for n, f in zip(groups.names, flags) if f)
+
+
+def executor_programs(problem: Problem, conv_backward: str,
+                      selections: dict[tuple[bool, ...], float],
+                      suffix_start: int) -> dict[str, Program]:
+  """Every program of the executor table, for one ``conv_backward``.
+
+  * ``sgd``, ``sam``, ``sam_handwritten`` (two passes by hand, one jit);
+  * the static subset "groups ``suffix_start`` to the output" as plain
+    ``sam(perturb=...)`` and through ``selective_sam`` with a fixed policy
+    and each executor (``switch`` takes exactly that branch of its depth
+    menu, so it does the same work as the static program);
+  * ``layerwise_sam`` with its default executor, its state's selection set
+    to each of ``selections`` before every step;
+  * ``arsam`` (its ``lax.cond`` program) with the recompute decision set.
+  """
+  base = lambda: optax.sgd(0.01, momentum=0.9)
+  groups = problem.groups
+  flags = _suffix(groups, suffix_start)
+  mask = groups.mask_from_flags(flags)
+  train = lambda tx: train_step_fn(tx, problem, conv_backward)
+  progs: dict[str, Program] = {}
+
+  def add(name, tx, force=None, **extra):
+    fn = train(tx)
+    if extra:
+      fn = (lambda f, kw: lambda p, s, *b: f(p, s, *b, **kw))(fn, extra)
+    state = tx.init(problem.params)
+    progs[name] = Program(fn, state, force or (lambda s: s))
+
+  add("sgd", optax_sam.plain(base()))
+  add("sam", optax_sam.sam(base(), rho=0.05))
+  hand, hand_state = handwritten_sam_step(problem)
+  progs["sam_handwritten"] = Program(hand, hand_state)
+  sub = _name(groups, flags)
+  add(f"static[{sub}]", optax_sam.sam(base(), rho=0.05, perturb=mask))
+  for ex in ("switch", "dense", "specialize"):
+    tx = optax_sam.selective_sam(base(), optax_sam.fixed(flags), rho=0.05,
+                                 executor=ex, labels=problem.labels)
+    extra = {"static_selection": flags} if ex == "specialize" else {}
+    add(f"{ex}[{sub}]", tx, **extra)
+  for sel in selections:
+    tx = optax_sam.layerwise_sam(base(), rho=0.05, num_layers=sum(sel),
+                                 labels=problem.labels)
+    add(f"layerwise_sam[{_name(groups, sel)}]", tx, _force_selection(sel))
+  for value, branch in ((True, "recompute"), (False, "reuse")):
+    add(f"arsam[{branch}]", optax_sam.arsam(base(), rho=0.05),
+        _force_recompute(value))
+  return progs
+
+
+def measure_executors(problem: Problem, *, conv_modes: tuple[str, ...],
+                      selections: dict[tuple[bool, ...], float],
+                      recompute_fraction: Optional[float],
+                      suffix_start: int, rounds: int, steps_per_round: int,
+                      progress: bool = False) -> dict[str, Any]:
+  """The executor table of one model: every program of
+  :func:`executor_programs` for each backward rule in ``conv_modes``,
+  compiled FLOPs and wall time, all interleaved in one loop; ratios to the
+  SGD step of the same backward rule, and amortized rows for layer-wise SAM
+  (over ``selections``' fractions) and ARSAM (``recompute_fraction``)."""
+  rows, timed, init = {}, {}, {}
+  for mode in conv_modes:
+    for name, prog in executor_programs(problem, mode, selections,
+                                        suffix_start).items():
+      key = f"{mode}/{name}"
+      state = prog.force(prog.state)
+      rows[key] = compiled_cost(prog.fn, problem.params, state,
+                                *problem.batch)
+      timed[key] = _forcing(prog.fn, prog.force)
+      init[key] = (problem.params, prog.state)
+  times = interleaved_times(timed, init, problem.batch, rounds=rounds,
+                            steps_per_round=steps_per_round,
+                            progress=progress)
+  for key, row in rows.items():
+    mode = key.split("/")[0]
+    row["step_s"] = times[key]["median_s"]
+    row["step_s_rounds"] = times[key]["all_s"]
+    row["flops_ratio"] = row["flops"] / rows[f"{mode}/sgd"]["flops"]
+    row["time_ratio"] = row["step_s"] / rows[f"{mode}/sgd"]["step_s"]
+  for mode in conv_modes:
+    parts = [(rows[f"{mode}/layerwise_sam[{_name(problem.groups, sel)}]"], f)
+             for sel, f in selections.items()]
+    if parts:
+      rows[f"{mode}/layerwise_sam"] = _amortized(parts, {
+          _name(problem.groups, sel): f for sel, f in selections.items()})
+    if recompute_fraction is not None:
+      f = recompute_fraction
+      rows[f"{mode}/arsam"] = _amortized(
+          [(rows[f"{mode}/arsam[recompute]"], f),
+           (rows[f"{mode}/arsam[reuse]"], 1.0 - f)],
+          {"recompute": f, "reuse": 1.0 - f})
+  return {"groups": problem.groups.describe(), "suffix_start": suffix_start,
+          "conv_modes": list(conv_modes), "methods": rows}
+
+
+def _amortized(parts, fractions) -> dict[str, Any]:
+  """Fraction-weighted wall time; FLOPs only when no part branches (the
+  compiled FLOPs of a conditional are those of its costliest branch)."""
+  total = sum(f for _, f in parts)
+  row = {"amortized": True, "fractions": fractions,
+         "conditional": any(r.get("conditional") for r, _ in parts)}
+  for k in ("flops_ratio", "time_ratio", "flops", "step_s"):
+    row[k] = (None if k.startswith("flops") and row["conditional"]
+              else sum(f * r[k] for r, f in parts) / total)
+  return row
+
+
+def selections_from_results(path: str, task: str, method: str,
+                            top: int = 4) -> tuple[dict, Optional[float]]:
+  """The ``top`` most held layer selections of ``method``'s runs in a
+  results file, as fractions of the steps they cover (renormalised), and
+  ARSAM's mean recompute fraction in the same task (None if absent)."""
+  import json  # pylint: disable=g-import-not-at-top
+  with open(path) as f:
+    res = json.load(f)["results"][task]
+  counts: dict[tuple[bool, ...], int] = {}
+  for r in res["runs"]:
+    if r["method"] == method:
+      for _, fl in (r.get("selection") or {}).get("trace", []):
+        key = tuple(bool(v) for v in fl)
+        counts[key] = counts.get(key, 0) + 1
+  best = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
+  total = sum(c for _, c in best) or 1
+  rec = [r["recompute_fraction"] for r in res["runs"]
+         if r["method"] == "arsam" and r.get("recompute_fraction") is not None]
+  return ({k: c / total for k, c in best},
+          float(np.mean(rec)) if rec else None)
+
+
+def format_executor_table(model: str, result: dict[str, Any]) -> str:
+  lines = [f"\n{model}: executors and backward rules, per step vs SGD of the"
+           " same rule (FLOPs*: a conditional program, its costliest branch)",
+           f"{'program':<46}{'FLOPs/SGD':>10}{'time/SGD':>10}{'ms/step':>9}"]
+  for name, r in result["methods"].items():
+    tag = " (amortized)" if r.get("amortized") else ""
+    fl = ("      -   " if r["flops_ratio"] is None else
+          f"{r['flops_ratio']:>9.3f}" + ("*" if r.get("conditional") else " "))
+    lines.append(f"{name + tag:<46}{fl:>10}"
+                 f"{r['time_ratio']:>10.3f}{1e3 * r['step_s']:>9.1f}")
+  return "\n".join(lines)
+
+
 def format_table(model: str, result: dict[str, Any]) -> str:
   lines = [f"\n{model}: FLOPs and wall time per training step vs SGD",
            f"{'method':<28}{'FLOPs/SGD':>10}{'FLOPs/grad':>11}"
@@ -278,21 +485,57 @@ def main(argv=None):
   parser.add_argument("--batch", type=int, default=None,
                       help="batch size (default: each model's)")
   parser.add_argument("--steps-per-round", type=int, default=10)
-  parser.add_argument("--name", default="core_cost")
+  parser.add_argument("--name", default=None,
+                      help="results name (default: core_cost, or "
+                      "executor_cost with --executors)")
   parser.add_argument("--no-write", action="store_true")
+  parser.add_argument(
+      "--executors", action="store_true",
+      help="the executor table: switch/dense/specialize against the static "
+      "program, layer-wise SAM and ARSAM branches, SAM by hand, for each "
+      "backward rule of the convolutions")
+  parser.add_argument("--conv-backward", default="xla,forward",
+                      help="backward rules to compare (--executors)")
+  parser.add_argument("--image", default="28,28,1",
+                      help="image shape of the conv models (--executors)")
+  parser.add_argument(
+      "--selections-from", default="benchmarks/results/full.json",
+      help="results file whose CNN layer-wise selections and ARSAM "
+      "recompute fraction weight the amortized rows (--executors)")
+  parser.add_argument("--resnet-width", type=int, default=16)
+  parser.add_argument("--progress", action="store_true")
   args = parser.parse_args(argv)
   provenance.record_start()
   results = {}
   for model in args.models.split(","):
-    problem = PROBLEMS[model](**({"batch": args.batch} if args.batch
-                                 else {}))
-    results[model] = measure(problem, core_methods(problem),
-                             rounds=args.rounds,
-                             steps_per_round=args.steps_per_round)
-    print(format_table(model, results[model]), flush=True)
+    kwargs = {"batch": args.batch} if args.batch else {}
+    if args.executors and model in ("cnn", "resnet18"):
+      kwargs["image"] = tuple(int(v) for v in args.image.split(","))
+    if model == "resnet18":
+      kwargs["width"] = args.resnet_width
+    problem = PROBLEMS[model](**kwargs)
+    if not args.executors:
+      results[model] = measure(problem, core_methods(problem),
+                               rounds=args.rounds,
+                               steps_per_round=args.steps_per_round)
+      print(format_table(model, results[model]), flush=True)
+      continue
+    selections, fraction = {}, None
+    if model == "cnn" and args.selections_from:
+      selections, fraction = selections_from_results(
+          args.selections_from, "fashion_mnist", "layerwise_sam")
+    has_conv = model in ("cnn", "resnet18")
+    results[model] = measure_executors(
+        problem, conv_modes=(tuple(args.conv_backward.split(","))
+                             if has_conv else ("auto",)),
+        selections=selections, recompute_fraction=fraction,
+        suffix_start=problem.groups.num_groups // 2, rounds=args.rounds,
+        steps_per_round=args.steps_per_round, progress=args.progress)
+    print(format_executor_table(model, results[model]), flush=True)
   if not args.no_write:
+    name = args.name or ("executor_cost" if args.executors else "core_cost")
     path = provenance.write_result(
-        args.name, {"settings": vars(args), "results": results}, seeds=[0])
+        name, {"settings": vars(args), "results": results}, seeds=[0])
     print(f"\nwrote {path}")
 
 
