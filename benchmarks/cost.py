@@ -60,10 +60,11 @@ def mlp_problem(depth: int = 8, width: int = 256, batch: int = 128,
 
 
 def cnn_problem(batch: int = 128, seed: int = 0,
-                image: tuple[int, int, int] = (32, 32, 3)) -> Problem:
+                image: tuple[int, int, int] = (32, 32, 3),
+                conv_backward: str = "auto") -> Problem:
   """The small Flax CNN (6 conv + 2 dense) on ``image``-shaped inputs."""
   from optax_sam.models.vision import SmallCNN  # pylint: disable=g-import-not-at-top
-  model = SmallCNN(num_classes=10)
+  model = SmallCNN(num_classes=10, conv_backward=conv_backward)
   x = jax.random.normal(jax.random.PRNGKey(seed + 1), (batch, *image))
   y = jnp.arange(batch) % 10
   params = model.init(jax.random.PRNGKey(seed), x[:1])["params"]
@@ -83,14 +84,14 @@ def block_label(path: tuple[str, ...]) -> str:
 
 def resnet18_problem(batch: int = 128, seed: int = 0,
                      image: tuple[int, int, int] = (32, 32, 3),
-                     width: int = 64) -> Problem:
+                     width: int = 64, conv_backward: str = "auto") -> Problem:
   """ResNet-18 (CIFAR form, BatchNorm); layers are residual blocks.
 
   ``loss_fn(params, batch_stats, x, y) -> (loss, new_batch_stats)``, so the
   batch is ``(batch_stats, x, y)`` and ``has_aux`` is True.
   """
   from optax_sam.models.vision import ResNet18  # pylint: disable=g-import-not-at-top
-  model = ResNet18(num_classes=10, width=width)
+  model = ResNet18(num_classes=10, width=width, conv_backward=conv_backward)
   x = jax.random.normal(jax.random.PRNGKey(seed + 1), (batch, *image))
   y = jnp.arange(batch) % 10
   variables = model.init(jax.random.PRNGKey(seed), x[:1])
@@ -358,7 +359,7 @@ def executor_programs(problem: Problem, conv_backward: str,
   add("sam", optax_sam.sam(base(), rho=0.05))
   hand, hand_state = handwritten_sam_step(problem)
   progs["sam_handwritten"] = Program(hand, hand_state)
-  sub = _name(groups, flags)
+  sub = f"{groups.names[suffix_start]}.."  # groups suffix_start..output
   add(f"static[{sub}]", optax_sam.sam(base(), rho=0.05, perturb=mask))
   for ex in ("switch", "dense", "specialize"):
     tx = optax_sam.selective_sam(base(), optax_sam.fixed(flags), rho=0.05,
@@ -375,19 +376,22 @@ def executor_programs(problem: Problem, conv_backward: str,
   return progs
 
 
-def measure_executors(problem: Problem, *, conv_modes: tuple[str, ...],
+def measure_executors(problems: dict[str, Problem], *,
                       selections: dict[tuple[bool, ...], float],
                       recompute_fraction: Optional[float],
                       suffix_start: int, rounds: int, steps_per_round: int,
                       progress: bool = False) -> dict[str, Any]:
   """The executor table of one model: every program of
-  :func:`executor_programs` for each backward rule in ``conv_modes``,
-  compiled FLOPs and wall time, all interleaved in one loop; ratios to the
-  SGD step of the same backward rule, and amortized rows for layer-wise SAM
-  (over ``selections``' fractions) and ARSAM (``recompute_fraction``)."""
+  :func:`executor_programs` for each backward rule (``problems`` maps a
+  ``conv_backward`` to the model built with it), compiled FLOPs and wall
+  time, all interleaved in one loop; ratios to the SGD step of the same
+  backward rule, and amortized rows for layer-wise SAM (over
+  ``selections``' fractions) and ARSAM (``recompute_fraction``)."""
   rows, timed, init = {}, {}, {}
-  for mode in conv_modes:
-    for name, prog in executor_programs(problem, mode, selections,
+  conv_modes = tuple(problems)
+  problem = next(iter(problems.values()))
+  for mode, prob in problems.items():
+    for name, prog in executor_programs(prob, mode, selections,
                                         suffix_start).items():
       key = f"{mode}/{name}"
       state = prog.force(prog.state)
@@ -524,11 +528,11 @@ def main(argv=None):
     if model == "cnn" and args.selections_from:
       selections, fraction = selections_from_results(
           args.selections_from, "fashion_mnist", "layerwise_sam")
-    has_conv = model in ("cnn", "resnet18")
+    problems = ({mode: PROBLEMS[model](**kwargs, conv_backward=mode)
+                 for mode in args.conv_backward.split(",")}
+                if model in ("cnn", "resnet18") else {"auto": problem})
     results[model] = measure_executors(
-        problem, conv_modes=(tuple(args.conv_backward.split(","))
-                             if has_conv else ("auto",)),
-        selections=selections, recompute_fraction=fraction,
+        problems, selections=selections, recompute_fraction=fraction,
         suffix_start=problem.groups.num_groups // 2, rounds=args.rounds,
         steps_per_round=args.steps_per_round, progress=args.progress)
     print(format_executor_table(model, results[model]), flush=True)

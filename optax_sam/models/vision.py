@@ -17,6 +17,13 @@ a named ``pmap``/``shard_map`` axis.
 Submodules are named so that the parameter tree flattens in depth order (see
 :mod:`optax_sam.models.layers`).
 
+Every model with convolutions (SmallCNN, ResNet18, WideResNet, ViT's patch
+embedding) takes ``conv_backward``: ``"auto"`` (default) computes the
+convolution gradients in forward form on the CPU, where XLA's own rule is
+10-40x slower inside the ``lax.cond``/``lax.switch`` branches of the
+selective and reuse methods (:func:`optax_sam.conv_general_dilated`), and
+with XLA's rule elsewhere; ``"forward"`` and ``"xla"`` force one.
+
 References:
   He, K., Zhang, X., Ren, S. and Sun, J. (2016). Deep residual learning for
   image recognition. CVPR.
@@ -31,7 +38,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Optional
 
@@ -48,10 +54,18 @@ Array = jax.Array
 # He (fan-out) initialisation, as in the reference ResNet/WRN code.
 _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
-# Every convolution of these models computes its gradients in forward form on
-# the CPU (fast inside the conditional branches of the selective and reuse
-# methods; see optax_sam.conv_general_dilated) and with XLA's rule elsewhere.
-Conv = functools.partial(nn.Conv, conv_general_dilated=select_conv("auto"))
+
+def _conv(module: nn.Module, *args, **kwargs) -> nn.Conv:
+  """``nn.Conv`` whose gradients follow ``module.conv_backward``.
+
+  ``"auto"`` (every model's default): the forward-form backward on the CPU,
+  fast inside the conditional branches of the selective and reuse methods
+  (see :func:`optax_sam.conv_general_dilated`), XLA's rule elsewhere;
+  ``"forward"`` or ``"xla"`` force one.
+  """
+  return nn.Conv(*args,
+                 conv_general_dilated=select_conv(module.conv_backward),
+                 **kwargs)
 
 
 def _batch_norm(train: bool, axis_name: Optional[str], name: str) -> nn.Module:
@@ -99,13 +113,14 @@ class SmallCNN(nn.Module):
   num_classes: int = 10
   width: int = 32
   hidden: int = 256
+  conv_backward: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     del train
     w = self.width
     for i, c in enumerate((w, w, 2 * w, 2 * w, 4 * w, 4 * w)):
-      x = nn.relu(Conv(c, (3, 3), padding="SAME", name=f"conv{i}")(x))
+      x = nn.relu(_conv(self, c, (3, 3), padding="SAME", name=f"conv{i}")(x))
       if i % 2 == 1:
         x = nn.avg_pool(x, (2, 2), strides=(2, 2))
     x = x.reshape((x.shape[0], -1))
@@ -118,11 +133,12 @@ class _ResidualShortcut(nn.Module):
   features: int
   strides: int
   bn_axis_name: Optional[str] = None
+  conv_backward: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    x = Conv(self.features, (1, 1), strides=self.strides, use_bias=False,
-                kernel_init=_conv_init, name="a_conv")(x)
+    x = _conv(self, self.features, (1, 1), strides=self.strides, use_bias=False,
+              kernel_init=_conv_init, name="a_conv")(x)
     return _batch_norm(train, self.bn_axis_name, "b_bn")(x)
 
 
@@ -135,17 +151,19 @@ class BasicBlock(nn.Module):
   features: int
   strides: int = 1
   bn_axis_name: Optional[str] = None
+  conv_backward: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    y = Conv(self.features, (3, 3), strides=self.strides, padding=1,
-                use_bias=False, kernel_init=_conv_init, name="a_conv")(x)
+    y = _conv(self, self.features, (3, 3), strides=self.strides, padding=1,
+              use_bias=False, kernel_init=_conv_init, name="a_conv")(x)
     y = nn.relu(_batch_norm(train, self.bn_axis_name, "b_bn")(y))
-    y = Conv(self.features, (3, 3), padding=1, use_bias=False,
-                kernel_init=_conv_init, name="c_conv")(y)
+    y = _conv(self, self.features, (3, 3), padding=1, use_bias=False,
+              kernel_init=_conv_init, name="c_conv")(y)
     y = _batch_norm(train, self.bn_axis_name, "d_bn")(y)
     if self.strides != 1 or x.shape[-1] != self.features:
       x = _ResidualShortcut(self.features, self.strides, self.bn_axis_name,
+                            self.conv_backward,
                             name="e_shortcut")(x, train)
     return nn.relu(y + x)
 
@@ -167,14 +185,16 @@ class ResNet18(nn.Module):
   num_classes: int = 10
   width: int = 64
   bn_axis_name: Optional[str] = None
+  conv_backward: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
-    x = _Stem(self.width, self.bn_axis_name, name="stage0_stem")(x, train)
+    x = _Stem(self.width, self.bn_axis_name, self.conv_backward,
+              name="stage0_stem")(x, train)
     for s, strides in enumerate((1, 2, 2, 2)):
       for b in range(2):
         x = BasicBlock(self.width * 2**s, strides if b == 0 else 1,
-                       self.bn_axis_name,
+                       self.bn_axis_name, self.conv_backward,
                        name=f"stage{s + 1}_block{b}")(x, train)
     x = jnp.mean(x, axis=(1, 2))
     return nn.Dense(self.num_classes, name="stage5_head")(x)
@@ -183,11 +203,12 @@ class ResNet18(nn.Module):
 class _Stem(nn.Module):
   features: int
   bn_axis_name: Optional[str] = None
+  conv_backward: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
-    x = Conv(self.features, (3, 3), padding=1, use_bias=False,
-                kernel_init=_conv_init, name="a_conv")(x)
+    x = _conv(self, self.features, (3, 3), padding=1, use_bias=False,
+              kernel_init=_conv_init, name="a_conv")(x)
     return nn.relu(_batch_norm(train, self.bn_axis_name, "b_bn")(x))
 
 
@@ -201,19 +222,20 @@ class WideBasicBlock(nn.Module):
   strides: int = 1
   dropout_rate: float = 0.0
   bn_axis_name: Optional[str] = None
+  conv_backward: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     h = nn.relu(_batch_norm(train, self.bn_axis_name, "a_bn")(x))
-    y = Conv(self.features, (3, 3), strides=self.strides, padding=1,
-                use_bias=False, kernel_init=_conv_init, name="b_conv")(h)
+    y = _conv(self, self.features, (3, 3), strides=self.strides, padding=1,
+              use_bias=False, kernel_init=_conv_init, name="b_conv")(h)
     y = nn.relu(_batch_norm(train, self.bn_axis_name, "c_bn")(y))
     y = nn.Dropout(self.dropout_rate)(y, deterministic=not train)
-    y = Conv(self.features, (3, 3), padding=1, use_bias=False,
-                kernel_init=_conv_init, name="d_conv")(y)
+    y = _conv(self, self.features, (3, 3), padding=1, use_bias=False,
+              kernel_init=_conv_init, name="d_conv")(y)
     if self.strides != 1 or x.shape[-1] != self.features:
-      x = Conv(self.features, (1, 1), strides=self.strides, use_bias=False,
-                  kernel_init=_conv_init, name="e_shortcut")(h)
+      x = _conv(self, self.features, (1, 1), strides=self.strides,
+                use_bias=False, kernel_init=_conv_init, name="e_shortcut")(h)
     return y + x
 
 
@@ -241,6 +263,7 @@ class WideResNet(nn.Module):
   base_width: int = 16
   dropout_rate: float = 0.0
   bn_axis_name: Optional[str] = None
+  conv_backward: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -248,14 +271,14 @@ class WideResNet(nn.Module):
       raise ValueError(f"WRN depth must be 6n + 4 with n >= 1; got "
                        f"{self.depth}.")
     n = (self.depth - 4) // 6
-    x = Conv(self.base_width, (3, 3), padding=1, use_bias=False,
-                kernel_init=_conv_init, name="stage0_stem")(x)
+    x = _conv(self, self.base_width, (3, 3), padding=1, use_bias=False,
+              kernel_init=_conv_init, name="stage0_stem")(x)
     for g, strides in enumerate((1, 2, 2)):
       features = self.base_width * self.widen_factor * 2**g
       for b in range(n):
         x = WideBasicBlock(
             features, strides if b == 0 else 1, self.dropout_rate,
-            self.bn_axis_name,
+            self.bn_axis_name, self.conv_backward,
             name=f"stage{g + 1}_{depth_name('block', b, n)}")(x, train)
     x = nn.relu(_batch_norm(train, self.bn_axis_name, "stage4_bn")(x))
     x = jnp.mean(x, axis=(1, 2))
@@ -271,6 +294,7 @@ class _PatchEmbed(nn.Module):
   hidden: int
   patch_size: int
   use_cls_token: bool
+  conv_backward: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -278,8 +302,8 @@ class _PatchEmbed(nn.Module):
     if x.shape[1] % p or x.shape[2] % p:
       raise ValueError(f"image size {x.shape[1:3]} is not divisible by "
                        f"patch_size={p}.")
-    x = Conv(self.hidden, (p, p), strides=(p, p), padding="VALID",
-                name="a_patch")(x)
+    x = _conv(self, self.hidden, (p, p), strides=(p, p), padding="VALID",
+              name="a_patch")(x)
     b, h, w, d = x.shape
     x = x.reshape((b, h * w, d))
     init = nn.initializers.normal(stddev=0.02)
@@ -319,12 +343,14 @@ class ViT(nn.Module):
   mlp_ratio: int = 2
   pool: str = "cls"
   dropout_rate: float = 0.0
+  conv_backward: str = "auto"
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
     if self.pool not in ("cls", "mean"):
       raise ValueError(f"pool must be 'cls' or 'mean'; got {self.pool!r}.")
     x = _PatchEmbed(self.hidden, self.patch_size, self.pool == "cls",
+                    self.conv_backward,
                     name="stage0_embed")(x)
     for i in range(self.num_layers):
       x = TransformerBlock(
