@@ -307,6 +307,21 @@ def test_probability_schedule_is_deterministic_per_seed():
   assert out[:20] == [u < 0.3 for u in _uniforms(7, 20)]
 
 
+def test_cond_predicate_is_the_states_next_recompute():
+  """The jitted cond and SpecializedStep follow one predicate."""
+  p, x, y = setup()
+  params = to_jax(p)
+  tx = optax_sam.arsam(optax.sgd(0.1), rho=0.05)
+  step = make_step(tx, "c2")
+  state = tx.init(params)
+  _, _, state = step(params, state, to_jax(x), to_jax(y))  # first: recomputes
+  for forced in (False, True, False):
+    _, _, new = step(params, state._replace(next_recompute=jnp.asarray(forced)),
+                     to_jax(x), to_jax(y))
+    assert bool(new.recomputed) == forced
+    assert int(new.recomputes) == int(state.recomputes) + forced
+
+
 # --- Compiled cost: reuse branch ~ 1 SGD gradient, recompute ~ 2. ---
 
 DEPTH, WIDTH, BATCH = 4, 128, 64

@@ -710,6 +710,10 @@ def reuse_sam(
       pred = bool(static_recompute)
     else:
       pred = decision(state.schedule, state.recomputes)
+      if not isinstance(pred, (bool, np.bool_)):
+        # The same decision, taken at the end of the last step and kept in
+        # the state: the one predicate SpecializedStep and this cond share.
+        pred = state.next_recompute
     if isinstance(pred, (bool, np.bool_)):
       branch = recompute if pred else reuse
       out = branch(state.perturbation_state)
