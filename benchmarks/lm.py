@@ -59,7 +59,7 @@ def fit(tx_method: methods_lib.Method, loss_fn, params, ids, *, steps: int,
   tx = tx_method.tx
   state = tx.init(params)
   if tx_method.specialized:
-    driver = optax_sam.SpecializedStep(tx, loss_fn, policy=tx_method.policy)
+    driver = optax_sam.SpecializedStep(tx, loss_fn)
     apply = jax.jit(optax.apply_updates)
 
     def step(p, s, tok):

@@ -68,8 +68,7 @@ def run(problem: cost_lib.Problem, batches, *, steps: int, every: int, k: int,
   # Programs.
   switch_step = jax.jit(train(dyn["switch"]))
   spec_update = optax_sam.SpecializedStep(dyn["specialize"], problem.loss_fn,
-                                          has_aux=problem.has_aux,
-                                          policy=policy)
+                                          has_aux=problem.has_aux)
   sgd_step = jax.jit(train(sgd))
   static_steps: dict[tuple[bool, ...], Any] = {}
 

@@ -122,7 +122,7 @@ def train(task: Task, method: str, seed: int, *,
   state = m.tx.init(params)
 
   if m.specialized:
-    driver = optax_sam.SpecializedStep(m.tx, loss_fn, policy=m.policy)
+    driver = optax_sam.SpecializedStep(m.tx, loss_fn)
     apply = jax.jit(optax.apply_updates)
 
     def step(p, s, x, y):

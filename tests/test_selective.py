@@ -111,7 +111,7 @@ def _train(executor, policy, restrict_descent, steps=10):
                                restrict_descent=restrict_descent)
   state = tx.init(params)
   if executor == "specialize":
-    step = optax_sam.SpecializedStep(tx, loss, policy=policy)
+    step = optax_sam.SpecializedStep(tx, loss)
   else:
     step = jax.jit(optax_sam.make_update(tx, loss))
   sels = []

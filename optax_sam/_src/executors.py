@@ -44,6 +44,7 @@ about 15% more wall time than the static program.
 from __future__ import annotations
 
 import collections
+import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Optional, Union
 
@@ -51,7 +52,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from optax_sam._src import policies
 from optax_sam._src import step as step_lib
 
 Flags = tuple[bool, ...]
@@ -168,7 +168,9 @@ def specialize() -> Executor:
   """One program per static selection (see :class:`SpecializedStep`).
 
   ``update`` must receive ``static_selection=`` (a tuple of bools equal to the
-  state's selection); :class:`SpecializedStep` passes it.
+  state's selection); :class:`SpecializedStep` passes it. A step whose
+  selection ``static_selection`` does not cover records branch -1
+  (``SelectiveState.branch``), and :class:`SpecializedStep` raises on it.
   """
 
   def run(selection, body, static_selection=None):
@@ -182,7 +184,10 @@ def specialize() -> Executor:
     if len(flags) != selection.shape[0]:
       raise ValueError(f"static_selection needs {selection.shape[0]} flags, "
                        f"got {len(flags)}.")
-    return body(flags), jnp.int32(0)
+    covered = jnp.all(jnp.logical_or(jnp.asarray(flags), ~selection))
+    # -1 marks a step whose selection the program did not cover (its
+    # uncovered layers were not perturbed); SpecializedStep raises on it.
+    return body(flags), jnp.where(covered, 0, -1).astype(jnp.int32)
 
   return Executor("specialize", lambda n: 1, run, lambda n: [])
 
@@ -206,15 +211,6 @@ def get_executor(executor: Union[str, Executor, None],
 # ------------------------------------------------- re-specialising loop
 
 
-def find_policy_state(opt_state: Any) -> Optional[policies.PolicyState]:
-  """The first :class:`PolicyState` inside ``opt_state`` (or None)."""
-  for x in jax.tree.leaves(
-      opt_state, is_leaf=lambda x: isinstance(x, policies.PolicyState)):
-    if isinstance(x, policies.PolicyState):
-      return x
-  return None
-
-
 def _find_state(opt_state: Any, cls: type) -> Any:
   for x in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, cls)):
     if isinstance(x, cls):
@@ -236,23 +232,40 @@ class SpecializedStep:
   no conditional:
 
   * layer-selective methods (``selective_sam``/``layerwise_sam`` with
-    ``executor="specialize"``): the selection (``static_selection=``); read
-    from the device only before steps where ``policy.may_change(step)``;
+    ``executor="specialize"``): the selection (``static_selection=``);
   * reuse methods (``arsam``, ``looksam``, ``reuse_sam``): whether this step
     recomputes SAM's gradient (``static_recompute=``, from
-    ``state.next_recompute``); read every step (a small device-to-host
-    copy), two programs.
+    ``state.next_recompute``).
 
-  Programs are compiled on first use and cached (at most ``max_cache``,
-  least recently used evicted). Why: on the CPU, XLA runs convolution
-  gradients inside ``lax.cond``/``lax.switch`` far slower than outside.
+  Everything comes from ``tx`` and the optimizer state: before every step
+  the decision is read from the state (a device-to-host copy of a few
+  bools), so nothing on the host can go stale, a restored checkpoint
+  resumes where it was, and no policy needs repeating. The copy waits for
+  the previous step, which costs the overlap of host and device work
+  (noticeable only for steps of a few milliseconds). Programs are compiled
+  on first use and cached (at most ``max_cache``, least recently used
+  evicted).
+
+  Since convolutions run with a forward-form backward on the CPU
+  (``conv_backward``), the conditionals of the default executors are as
+  fast as these programs there; this helper remains the exact-cost option
+  (any subset, no menu) and the one for backends where conditionals are
+  slow.
 
   Example::
 
     tx = optax_sam.layerwise_sam(opt, num_layers=2, executor="specialize")
-    step = optax_sam.SpecializedStep(
-        tx, loss_fn, policy=optax_sam.layerwise_policy(2, 100))
+    step = optax_sam.SpecializedStep(tx, loss_fn)
     (loss, aux), updates, opt_state = step(params, opt_state, x, y)
+
+  Args:
+    tx: a selective method with ``executor="specialize"`` or a reuse method.
+    loss_fn: as for :func:`optax_sam.make_update`.
+    has_aux: as for :func:`optax_sam.make_update`.
+    policy: deprecated and ignored (the decision is read from the state).
+    max_cache: programs kept compiled.
+    jit: the compiling wrapper (``jax.jit``, or e.g. a ``pmap``).
+    conv_backward: as for :func:`optax_sam.make_update`.
 
   Attributes:
     compilations: number of programs compiled so far.
@@ -265,15 +278,16 @@ class SpecializedStep:
                conv_backward: str = "auto"):
     if max_cache < 1:
       raise ValueError(f"max_cache must be >= 1, got {max_cache}.")
+    if policy is not None:
+      warnings.warn("SpecializedStep(policy=...) is deprecated and ignored: "
+                    "the decision is read from the optimizer state.",
+                    DeprecationWarning, stacklevel=2)
     self._update = step_lib.make_update(tx, loss_fn, has_aux=has_aux,
                                         conv_backward=conv_backward)
-    self._policy = policy
     self._max_cache = max_cache
     self._jit = jit
     self._cache: collections.OrderedDict[Any, Any] = (
         collections.OrderedDict())
-    self._current: Optional[tuple[str, Any]] = None
-    self._step: Optional[int] = None
     self.compilations = 0
     self.selections: list[Any] = []
 
@@ -282,7 +296,8 @@ class SpecializedStep:
       self._cache.move_to_end(key)
       return self._cache[key]
     kwarg, value = key
-    fn = self._jit(lambda p, s, *a: self._update(p, s, *a,
+    update = self._update
+    fn = self._jit(lambda p, s, *a, **kw: update(p, s, *a, **kw,
                                                  **{kwarg: value}))
     self._cache[key] = fn
     self.compilations += 1
@@ -293,12 +308,16 @@ class SpecializedStep:
     return fn
 
   def _read(self, opt_state) -> tuple[str, Any]:
-    state = find_policy_state(opt_state)
+    state = _find_state(opt_state, _selective_state_type())
     if state is not None:
-      if self._step is None:
-        self._step = int(_first_replica(state.count).reshape(-1)[0])
+      if int(_first_replica(state.branch).reshape(-1)[0]) < 0:
+        raise ValueError(
+            "the last step's layer selection was not covered by the program "
+            "it ran (update(..., static_selection=...) differed from the "
+            "state's selection), so some selected layers were not "
+            "perturbed. Let SpecializedStep pass static_selection.")
       return ("static_selection",
-              tuple(bool(f) for f in _first_replica(state.selection)))
+              tuple(bool(f) for f in _first_replica(state.policy.selection)))
     from optax_sam._src import reuse  # pylint: disable=g-import-not-at-top
     rstate = _find_state(opt_state, reuse.ReuseState)
     if rstate is not None:
@@ -308,13 +327,13 @@ class SpecializedStep:
                      "state) or reuse methods (arsam, looksam); neither was "
                      "found in opt_state.")
 
-  def __call__(self, params, opt_state, *args):
-    reuse_driven = self._current is not None and (
-        self._current[0] == "static_recompute")
-    if (self._current is None or reuse_driven or self._policy is None
-        or self._policy.may_change(self._step)):
-      self._current = self._read(opt_state)
-    out = self._program(self._current)(params, opt_state, *args)
-    if self._step is not None:
-      self._step += 1
-    return out
+  def __call__(self, params, opt_state, *args, **extra_args):
+    """One step: ``((loss, aux), updates, opt_state)`` as from
+    :func:`optax_sam.make_update`; ``extra_args`` go to ``tx.update``."""
+    program = self._program(self._read(opt_state))
+    return program(params, opt_state, *args, **extra_args)
+
+
+def _selective_state_type() -> type:
+  from optax_sam._src import selective  # pylint: disable=g-import-not-at-top
+  return selective.SelectiveState

@@ -111,12 +111,12 @@ def layerwise_sam(
     alpha: weight of the perturbed gradient on the selected layers (1: SAM).
     per_layer: normalize the perturbation per layer instead of globally.
     executor: how the run-time selection becomes less work: ``"switch"``
-      (default; one program, fully inside ``jit``; on CPU, convolution
-      gradients inside a conditional run much slower, see README),
-      ``"specialize"`` (one program per selection, driven by
-      ``optax_sam.SpecializedStep(tx, loss_fn, policy=layerwise_policy(
-      num_layers, interval))``; the exact cost of a static subset)
-      or ``"dense"`` (reference, no saving).
+      (default; one program, fully inside ``jit``; on the CPU, drive it with
+      :func:`optax_sam.make_update`, whose forward-form convolution backward
+      keeps conv nets fast inside its branches), ``"specialize"`` (one
+      program per selection, driven by
+      ``optax_sam.SpecializedStep(tx, loss_fn)``; the exact cost of a static
+      subset) or ``"dense"`` (reference, no saving).
     labels: layer labels (see :func:`optax_sam.layer_groups`); e.g. group a
       ResNet by residual block.
     order: group order, input side first (see :func:`optax_sam.layer_groups`).
