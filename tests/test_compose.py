@@ -173,6 +173,40 @@ def test_bad_loss_fn_and_plain_optimizer_in_make_update():
     optax_sam.make_update(tx, jax_loss)(params, tx.init(params), 0, 0)
 
 
+def _int_params():
+  return jax.tree.map(lambda v: v.astype(jnp.int32), to_jax(setup()[0]))
+
+
+@pytest.mark.parametrize("loss_fn, has_aux, params, error, match", [
+    (lambda q, a, b: jax_loss(q, a, b) + "oops", False, None, TypeError,
+     "unsupported operand"),
+    (lambda q, a, b: q.hidden, False, None, AttributeError,
+     "no attribute 'hidden'"),
+    (lambda q, a, b: jnp.square(q["out"]["b"]), False, None, TypeError,
+     "scalar-output"),
+    (jax_loss, True, None, TypeError, "aux output"),
+    (lambda q, a, b: (jax_loss(q, a, b), 0.0), False, None, TypeError,
+     "scalar-output"),
+    (lambda q, a, b: jnp.sum(q["out"]["w"]).astype(jnp.float32), False,
+     _int_params, TypeError, "real- or complex-valued"),
+], ids=["loss_bug", "attribute", "non_scalar", "aux_missing",
+        "aux_unexpected", "int_leaves"])
+@pytest.mark.parametrize("make_tx", [
+    lambda: optax_sam.sam(optax.sgd(0.1)),
+    lambda: optax_sam.selective_sam(optax.sgd(0.1), optax_sam.top_k(1)),
+    lambda: optax_sam.looksam(optax.sgd(0.1), k=2),
+], ids=["sam", "selective_sam", "looksam"])
+def test_errors_inside_a_pass_are_not_reported_as_undriven(
+    make_tx, loss_fn, has_aux, params, error, match):
+  p, x, y = setup()
+  params = to_jax(p) if params is None else params()
+  tx = make_tx()
+  with pytest.raises(error, match=match) as info:
+    optax_sam.make_update(tx, loss_fn, has_aux=has_aux)(
+        params, tx.init(params), x, y)
+  assert "optax_sam.plain" not in str(info.value)
+
+
 def test_sync_ascent_needs_axis_name():
   with pytest.raises(ValueError, match="axis_name"):
     optax_sam.sam(optax.sgd(0.1), sync_ascent=True)
