@@ -64,7 +64,9 @@ def safe_norm(tree: PyTree) -> jax.Array:
 
   Computes ``m * sqrt(sum((x / m)^2))`` with ``m = max |x|`` so that neither
   very small (bf16/fp16 or 1e-30) nor very large gradients under- or
-  overflow. Returns exactly 0 for an all-zero tree.
+  overflow. Returns exactly 0 for an all-zero tree, and NaN (inf) when a
+  leaf holds a NaN (an inf), so a non-finite gradient stays visible in every
+  statistic built on this norm.
   """
   leaves = [jnp.asarray(x, jnp.float32) for x in jax.tree.leaves(tree)]
   if not leaves:
@@ -75,7 +77,8 @@ def safe_norm(tree: PyTree) -> jax.Array:
   # factor out of the sum, giving inf * 0 = NaN for constant tiny inputs.
   safe_m = jnp.where(m > 0, m, 1.0)
   sq = sum(jnp.sum(jnp.square(x / safe_m)) for x in leaves)
-  return jnp.where(m > 0, m * jnp.sqrt(sq), 0.0)
+  # m is NaN when a leaf holds a NaN (max propagates it), inf for an inf.
+  return jnp.where(jnp.isfinite(m) & (m > 0), m * jnp.sqrt(sq), m)
 
 
 def safe_inverse(norm: jax.Array) -> jax.Array:
