@@ -63,6 +63,44 @@ def test_inject_hyperparams_rho_and_learning_rate():
   np.testing.assert_allclose(state.hyperparams["rho"], 0.1, rtol=1e-6)
 
 
+@pytest.mark.parametrize("factory, kwargs", [
+    (optax_sam.sam, {}),
+    (optax_sam.asam, {"eta": 0.02}),
+    (optax_sam.layerwise_sam, {"num_layers": 1, "interval": 1, "ema": 0.5,
+                               "alpha": 0.5}),
+    (optax_sam.selective_sam, {"policy": optax_sam.top_k(1)}),
+    (optax_sam.selective_sam, {"policy": optax_sam.random_k(1), "seed": 2,
+                               "restrict_descent": True}),
+    (optax_sam.arsam, {"decay": 0.5}),
+    (optax_sam.looksam, {"k": 2, "alpha": 0.5}),
+], ids=["sam", "asam", "layerwise_sam", "selective_sam",
+        "selective_sam_random_k", "arsam", "looksam"])
+def test_every_factory_works_under_inject_hyperparams(factory, kwargs):
+  # No static_args: integer and checked arguments arrive as (traced) arrays.
+  p, x, y = setup()
+  params = to_jax(p)
+  injected = optax.inject_hyperparams(factory)(optax.sgd(0.1), rho=0.05,
+                                               **kwargs)
+  got, state = _c2_steps(injected, params, x, y, steps=2)
+  want, _ = _c2_steps(factory(optax.sgd(0.1), rho=0.05, **kwargs), params,
+                      x, y, steps=2)
+  assert_trees_close(got, want, rtol=1e-6, atol=1e-7)
+  assert "rho" in state.hyperparams
+
+
+def test_inject_hyperparams_still_checks_arguments_at_init():
+  params = to_jax(setup()[0])
+  for factory, kwargs, match in [
+      (optax_sam.layerwise_sam, {"num_layers": 0}, "num_layers"),
+      (optax_sam.layerwise_sam, {"alpha": 1.5}, "alpha"),
+      (optax_sam.asam, {"eta": -1.0}, "eta"),
+      (optax_sam.looksam, {"k": 0}, "k must"),
+      (optax_sam.sam, {"rho": -0.1}, "rho")]:
+    tx = optax.inject_hyperparams(factory)(optax.sgd(0.1), **kwargs)
+    with pytest.raises(ValueError, match=match):
+      tx.init(params)
+
+
 def test_multisteps_as_base_accumulates_sam_gradients():
   p, x, y = setup()
   params = to_jax(p)

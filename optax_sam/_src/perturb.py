@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_sam._src import arguments as args_lib
 from optax_sam._src import groups as groups_lib
 
 PyTree = Any
@@ -180,8 +181,7 @@ def scale_by_parameter_magnitude(
   Returns:
     An ``optax.GradientTransformation`` that needs ``params``.
   """
-  if eta < 0:
-    raise ValueError(f"eta must be >= 0, got {eta}.")
+  eta = args_lib.check_number(eta, "eta", 0.0)
 
   def init_fn(params):
     del params

@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_sam._src import arguments as args_lib
+
 
 class LayerStats(NamedTuple):
   """Per-layer statistics handed to a policy at the end of a step.
@@ -112,6 +114,8 @@ def _as_flags(selected: Sequence[Union[int, bool]], num_groups: int
 
 
 def _check_k(k: int, num_groups: int) -> None:
+  if args_lib.is_traced(k):  # e.g. from optax.inject_hyperparams
+    return
   if not 1 <= k <= num_groups:
     raise ValueError(f"k must be in [1, {num_groups}] (the number of layer "
                      f"groups), got {k}.")
@@ -128,14 +132,16 @@ def _state(flags, key, score=None) -> PolicyState:
 def top_k_mask(score: jax.Array, k: int) -> jax.Array:
   """bool[L] with True on the ``k`` largest scores (ties: deeper group wins).
 
-  Deterministic and jit-traceable; NaN scores count as the smallest.
+  Deterministic and jit-traceable, ``k`` included (it may be a traced
+  integer, e.g. from ``optax.inject_hyperparams``); NaN scores count as the
+  smallest.
   """
   n = score.shape[0]
   score = jnp.where(jnp.isnan(score), -jnp.inf, score)
   # Stable tie-break towards the output side: add a tiny rank by position.
   order = jnp.lexsort((jnp.arange(n), score))  # ascending by score, then index
-  chosen = order[n - k:]
-  return jnp.zeros(n, bool).at[chosen].set(True)
+  rank = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+  return rank >= n - k
 
 
 # --------------------------------------------------------------- policies
@@ -191,8 +197,8 @@ def top_k(
     A :class:`Policy` that may re-select every step; wrap it in
     :func:`reselect_every` to hold choices for N steps.
   """
-  if not 0.0 <= ema < 1.0:
-    raise ValueError(f"ema must be in [0, 1), got {ema}.")
+  k = args_lib.check_int(k, "k", 1)
+  ema = args_lib.check_number(ema, "ema", 0.0, 1.0, high_open=True)
   if statistic not in STATISTICS:
     raise ValueError(f"unknown statistic {statistic!r}; choose from "
                      f"{STATISTICS}.")
@@ -220,8 +226,7 @@ def reselect_every(policy: Policy, every: int) -> Policy:
   The inner policy still sees every step's statistics (its smoothing keeps
   running); its choice is adopted only before steps ``every, 2*every, ...``.
   """
-  if every < 1:
-    raise ValueError(f"every must be >= 1, got {every}.")
+  every = args_lib.check_int(every, "every", 1)
 
   def update(state, stats):
     new = policy.update(state, stats)
@@ -235,10 +240,11 @@ def reselect_every(policy: Policy, every: int) -> Policy:
 
 def random_k(k: int, seed: int = 0) -> Policy:
   """``k`` groups drawn uniformly at random every step (a baseline)."""
+  k = args_lib.check_int(k, "k", 1)
 
   def draw(key, num_groups):
     perm = jax.random.permutation(key, num_groups)
-    return jnp.zeros(num_groups, bool).at[perm[:k]].set(True)
+    return jnp.zeros(num_groups, bool).at[perm].set(jnp.arange(num_groups) < k)
 
   def init(num_groups, key=None):
     _check_k(k, num_groups)
@@ -288,10 +294,10 @@ def bandit(
   Returns:
     A :class:`Policy` whose selection may change every step.
   """
-  if not 0.0 < fraction <= 1.0:
-    raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
-  if eta < 0:
-    raise ValueError(f"eta must be >= 0, got {eta}.")
+  fraction = args_lib.check_number(fraction, "fraction", 0.0, 1.0,
+                                   low_open=True)
+  eta = args_lib.check_number(eta, "eta", 0.0)
+  min_prob = args_lib.check_number(min_prob, "min_prob", 0.0, 1.0)
 
   def draw(key, probs):
     def body(carry):

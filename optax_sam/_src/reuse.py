@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_sam._src import arguments as args_lib
 from optax_sam._src import groups as groups_lib
 from optax_sam._src import perturb as perturb_lib
 from optax_sam._src import sam as sam_lib
@@ -114,39 +115,6 @@ def _simple_update(state: ScheduleState, recomputed, stats) -> ScheduleState:
   return ScheduleState(optax.safe_increment(state.count), state.key)
 
 
-def _is_traced(value: Any) -> bool:
-  return isinstance(value, jax.core.Tracer)
-
-
-def _check_int(value: Any, name: str, minimum: int) -> Any:
-  """Validates an integer hyperparameter; a traced value (e.g. from
-  ``optax.inject_hyperparams`` inside ``jit``) passes unchecked."""
-  if _is_traced(value):
-    return value
-  arr = np.asarray(value)
-  if (isinstance(value, bool) or arr.shape != ()
-      or not np.issubdtype(arr.dtype, np.integer)):
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-  if int(arr) < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got "
-                     f"{int(arr)}.")
-  return int(arr)
-
-
-def _check_nonnegative(value: Any, name: str) -> Any:
-  """Validates a finite number >= 0; a traced value passes unchecked."""
-  if _is_traced(value):
-    return value
-  try:
-    v = float(value)
-  except (TypeError, ValueError):
-    raise ValueError(f"{name} must be a finite number >= 0, got "
-                     f"{value!r}.") from None
-  if not (v >= 0.0 and np.isfinite(v)):
-    raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
-  return v
-
-
 def recompute_every(k: int, offset: int = 0) -> ReuseSchedule:
   """Recompute on steps ``offset, offset + k, offset + 2k, ...`` (LookSAM).
 
@@ -157,9 +125,10 @@ def recompute_every(k: int, offset: int = 0) -> ReuseSchedule:
   Returns:
     A :class:`ReuseSchedule`; recompute fraction ``1/k``.
   """
-  k = _check_int(k, "k", 1)
-  offset = _check_int(offset, "offset", 0)
-  if not _is_traced(k) and not _is_traced(offset) and offset >= k:
+  k = args_lib.check_int(k, "k", 1)
+  offset = args_lib.check_int(offset, "offset", 0)
+  if (not args_lib.is_traced(k) and not args_lib.is_traced(offset)
+      and offset >= k):
     raise ValueError(f"offset must be in [0, k={k}), got {offset}.")
 
   def decide(state):
@@ -180,9 +149,7 @@ def recompute_with_probability(p: float) -> ReuseSchedule:
   Returns:
     A :class:`ReuseSchedule`; expected recompute fraction ``p``.
   """
-  if not 0.0 <= float(p) <= 1.0:
-    raise ValueError(f"p must be in [0, 1], got {p}.")
-  p = float(p)
+  p = args_lib.check_number(p, "p", 0.0, 1.0)
 
   def decide(state):
     u = jax.random.uniform(jax.random.fold_in(state.key, state.count))
@@ -315,8 +282,8 @@ def recompute_adaptive(
     to Speed Up Sharpness Aware Minimization
     <https://arxiv.org/abs/2510.03763>`_, 2025.
   """
-  window = _check_int(window, "window", 2)
-  blocks = _check_int(blocks, "blocks", 1)
+  window = args_lib.check_int(window, "window", 2)
+  blocks = args_lib.check_int(blocks, "blocks", 1)
   if window // blocks < 2:
     raise ValueError(f"window // blocks must be >= 2 (each block needs two "
                      f"entries for a variance), got window={window}, "
@@ -333,7 +300,7 @@ def recompute_adaptive(
   if not 1.0 <= float(init_rate) <= max_rate:
     raise ValueError(f"init_rate must be in [1, {max_rate}] "
                      f"(= floor(max_fraction * window)), got {init_rate}.")
-  warmup = window if warmup_steps is None else _check_int(
+  warmup = window if warmup_steps is None else args_lib.check_int(
       warmup_steps, "warmup_steps", 0)
 
   def init(key):
@@ -423,9 +390,9 @@ def psf_mixer(decay: float = 0.7, horizon: Optional[int] = 6) -> Mixer:
   Returns:
     A :class:`Mixer`.
   """
-  decay = _check_nonnegative(decay, "decay")
+  decay = args_lib.check_number(decay, "decay", 0.0)
   if horizon is not None:
-    horizon = _check_int(horizon, "horizon", 0)
+    horizon = args_lib.check_int(horizon, "horizon", 0)
 
   def store(g, g_sam):
     return jax.tree.map(lambda a, b: (_f32(b) - _f32(a)).astype(b.dtype),
@@ -503,7 +470,7 @@ def orthogonal_mixer(
     Liu et al., `Towards Efficient and Scalable Sharpness-Aware Minimization
     <https://arxiv.org/abs/2203.02714>`_, CVPR 2022.
   """
-  alpha = _check_nonnegative(alpha, "alpha")
+  alpha = args_lib.check_number(alpha, "alpha", 0.0)
 
   def label_leaves(tree):
     if not per_layer:

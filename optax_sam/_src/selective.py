@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_sam._src import arguments as args_lib
 from optax_sam._src import executors as executors_lib
 from optax_sam._src import groups as groups_lib
 from optax_sam._src import perturb as perturb_lib
@@ -150,8 +151,9 @@ def selective_sam(
   if sync_ascent and axis_name is None:
     raise ValueError("sync_ascent=True needs an axis_name.")
   ex = executors_lib.get_executor(executor)
-  if not 0.0 <= alpha <= 1.0:
-    raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+  alpha = args_lib.check_number(alpha, "alpha", 0.0, 1.0)
+  # A traced alpha (optax.inject_hyperparams) is mixed in whatever its value.
+  mix = args_lib.is_traced(alpha) or alpha != 1.0
 
   def groups_of(params):
     return groups_lib.layer_groups(params, labels, order)
@@ -202,7 +204,7 @@ def selective_sam(
       else:
         g_sam = oracle.perturbed(w_adv, 0)
         descent = 1.0
-      if alpha != 1.0:  # mix on the selected layers (g is 0 elsewhere)
+      if mix:  # on the selected layers (g is 0 elsewhere)
         g_sam = jax.tree.map(
             lambda ga, gc, s, m: (jnp.where(s, (1 - alpha) * gc + alpha * ga,
                                             ga) if m else ga),
