@@ -165,6 +165,44 @@ def test_bad_rho_raises_at_construction(factory, rho):
     factory(optax.sgd(0.1), rho=rho)
 
 
+@pytest.mark.parametrize("rho", [float("inf"), float("-inf"), float("nan"),
+                                 np.float32("inf"), jnp.asarray(jnp.nan)])
+@pytest.mark.parametrize("factory", [
+    optax_sam.sam, optax_sam.asam, optax_sam.layerwise_sam, optax_sam.arsam,
+    optax_sam.looksam,
+    lambda opt, rho: optax_sam.selective_sam(opt, optax_sam.top_k(1),
+                                             rho=rho),
+], ids=["sam", "asam", "layerwise_sam", "arsam", "looksam", "selective_sam"])
+def test_non_finite_rho_raises_at_construction(factory, rho):
+  with pytest.raises(ValueError, match="rho must be > 0 and finite"):
+    factory(optax.sgd(0.1), rho=rho)
+
+
+def test_schedule_radius_that_is_not_finite_or_negative_means_no_ascent():
+  p, x, y = setup()
+  params = to_jax(p)
+  radii = jnp.asarray([jnp.nan, jnp.inf, -0.1, 0.05])
+  tx = optax_sam.sam(optax.sgd(0.1), rho=lambda count: radii[count])
+  got, _ = _c2_steps(tx, params, x, y, steps=4)
+  q = p
+  for rho in (0.0, 0.0, 0.0, 0.05):  # the bad radii give SGD steps
+    g = (reference.loss_and_grad(q, x, y)[1] if rho == 0.0 else
+         reference.sam_gradient(q, [(x, y)], rho))
+    q = reference.tmap(lambda a, b: a - 0.1 * b, q, g)
+  assert_trees_close(got, q)
+
+
+def test_injected_rho_set_to_nan_at_run_time_means_no_ascent():
+  p, x, y = setup()
+  params = to_jax(p)
+  tx = optax.inject_hyperparams(optax_sam.sam)(optax.sgd(0.1), rho=0.05)
+  state = tx.init(params)
+  state.hyperparams["rho"] = jnp.asarray(jnp.nan)
+  _, u, _ = jax.jit(optax_sam.make_update(tx, jax_loss))(params, state, x, y)
+  g = reference.loss_and_grad(p, x, y)[1]
+  assert_trees_close(u, reference.tmap(lambda b: -0.1 * b, g))
+
+
 def test_mismatched_perturb_mask_raises():
   params = to_jax(setup()[0])
   tx = optax_sam.sam(optax.sgd(0.1), perturb={"out": True})
