@@ -307,6 +307,36 @@ def test_probability_schedule_is_deterministic_per_seed():
   assert out[:20] == [u < 0.3 for u in _uniforms(7, 20)]
 
 
+@pytest.mark.parametrize("schedule", [
+    optax_sam.recompute_with_probability(0.3),
+    optax_sam.recompute_adaptive(**ADAPTIVE)], ids=["probability", "adaptive"])
+def test_schedules_take_typed_and_raw_keys(schedule):
+  stats = optax_sam.ReuseStats(jnp.float32(1), jnp.float32(2))
+  runs = []
+  for key in (jax.random.PRNGKey(7), jax.random.key(7)):
+    state = schedule.init(key)
+    out = []
+    for _ in range(30):
+      out.append(bool(jax.jit(schedule.decide)(state)))
+      state = jax.jit(schedule.update)(state, out[-1], stats)
+    runs.append(out)
+  assert runs[0] == runs[1] and 0 < sum(runs[0]) < 30
+
+
+def test_arsam_seed_may_be_a_typed_or_raw_key():
+  p, x, y = setup()
+  params = to_jax(p)
+  sched = optax_sam.recompute_with_probability(0.5)
+  runs = []
+  for seed in (SEED, jax.random.PRNGKey(SEED), jax.random.key(SEED)):
+    tx = optax_sam.arsam(optax.sgd(LR), rho=RHO, schedule=sched, seed=seed)
+    runs.append(_run(tx, params, x, y, "c2", 6))
+  for got, states in runs[1:]:
+    assert [bool(s.recomputed) for s in states] == [
+        bool(s.recomputed) for s in runs[0][1]]
+    assert_trees_close(got[-1], runs[0][0][-1], rtol=0, atol=0)
+
+
 # --- Compiled cost: reuse branch ~ 1 SGD gradient, recompute ~ 2. ---
 
 DEPTH, WIDTH, BATCH = 4, 128, 64

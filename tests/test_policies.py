@@ -181,3 +181,29 @@ def test_bad_arguments(make, match):
 def test_top_k_larger_than_groups():
   with pytest.raises(ValueError, match="k must be"):
     optax_sam.top_k(3).init(2, None)
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: optax_sam.bandit(0.3, eta=0.5, **kw),
+    lambda **kw: optax_sam.random_k(2, **kw),
+], ids=["bandit", "random_k"])
+def test_typed_and_raw_keys_give_the_same_draws(make):
+  inits = {
+      "seed": lambda: make(seed=7).init(6),
+      "raw_seed": lambda: make(seed=jax.random.PRNGKey(7)).init(6),
+      "typed_seed": lambda: make(seed=jax.random.key(7)).init(6),
+      "raw_key": lambda: make().init(6, jax.random.PRNGKey(7)),
+      "typed_key": lambda: make().init(6, jax.random.key(7)),
+  }
+  runs = {}
+  for name, init in inits.items():
+    s = init()
+    assert jax.dtypes.issubdtype(s.key.dtype, jax.dtypes.prng_key) == (
+        name.startswith("typed"))
+    upd = jax.jit(make().update)
+    sels = [_sel(s)]
+    for t in range(5):
+      s = upd(s, _stats(np.arange(6.0) + t))
+      sels.append(_sel(s))
+    runs[name] = sels
+  assert len({str(r) for r in runs.values()}) == 1, runs

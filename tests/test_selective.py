@@ -104,11 +104,11 @@ def _deep():
   return deep_mlp(DEPTH, WIDTH, 32, 4)
 
 
-def _train(executor, policy, restrict_descent, steps=10):
+def _train(executor, policy, restrict_descent, steps=10, **kwargs):
   params, loss, x, y = _deep()
   tx = optax_sam.selective_sam(optax.sgd(0.1, momentum=0.9), policy,
                                executor=executor,
-                               restrict_descent=restrict_descent)
+                               restrict_descent=restrict_descent, **kwargs)
   state = tx.init(params)
   if executor == "specialize":
     step = optax_sam.SpecializedStep(tx, loss, policy=policy)
@@ -138,6 +138,18 @@ def test_executors_equal_dense(policy, restrict_descent):
     got, sels, _, _ = _train(ex, POLICIES[policy](), restrict_descent)
     assert sels == ref_sels
     assert_trees_close(got, ref, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("policy", ["bandit", "random2"])
+def test_seed_may_be_a_typed_or_raw_key(policy):
+  ref, ref_sels, _, _ = _train("switch", POLICIES[policy](), False, steps=5,
+                               seed=3)
+  for seed in (jax.random.PRNGKey(3), jax.random.key(3)):
+    got, sels, state, _ = _train("switch", POLICIES[policy](), False,
+                                 steps=5, seed=seed)
+    assert sels == ref_sels
+    assert_trees_close(got, ref, rtol=0, atol=0)
+  assert jax.dtypes.issubdtype(state.policy.key.dtype, jax.dtypes.prng_key)
 
 
 def test_no_recompilation_under_switch_and_branch_counts():

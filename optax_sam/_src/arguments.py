@@ -1,4 +1,4 @@
-"""Checks of the factories' arguments.
+"""Checks of the factories' arguments, and PRNG keys from seeds.
 
 ``optax.inject_hyperparams(factory)(...)`` hands every numeric argument of
 the factory to it as a jax array (integers and defaults included, unless
@@ -9,15 +9,22 @@ code that uses an argument must then work with an array too (e.g.
 ``policies.top_k_mask`` takes a traced ``k``). Under ``inject_hyperparams``
 the values are checked when ``init`` builds the transformation from concrete
 arrays (and on every update that is not jitted).
+
+Seeds and keys: everywhere a seed is taken, an integer, a raw ``uint32`` key
+(``jax.random.PRNGKey``) and a typed key (``jax.random.key``) are accepted;
+:func:`as_key` keeps a key's kind (a typed key stays typed).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+SeedOrKey = Union[int, jax.Array]
 
 
 def is_traced(value: Any) -> bool:
@@ -83,3 +90,35 @@ def check_number(value: Any, name: str, low: Optional[float] = None,
   if not ok:
     raise ValueError(f"{name} must be {what}, got {v}.")
   return v
+
+
+def is_key(value: Any) -> bool:
+  """Whether ``value`` is a typed PRNG key array (``jax.random.key``)."""
+  dtype = getattr(value, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype,
+                                                     jax.dtypes.prng_key)
+
+
+def as_key(seed_or_key: Optional[SeedOrKey] = None) -> jax.Array:
+  """A PRNG key from a seed (int, possibly a jax integer scalar), a raw
+  ``uint32`` key or a typed key; None is seed 0.
+
+  A typed key is returned as it is and a raw key as ``uint32``: the state
+  then holds the kind of key the user gave.
+  """
+  if seed_or_key is None:
+    seed_or_key = 0
+  if is_key(seed_or_key):
+    return seed_or_key
+  if isinstance(seed_or_key, (bool, np.bool_)):
+    raise TypeError(f"a seed must be an integer or a PRNG key, got "
+                    f"{seed_or_key!r}.")
+  if isinstance(seed_or_key, (int, np.integer)):
+    return jax.random.PRNGKey(int(seed_or_key))
+  arr = jnp.asarray(seed_or_key)
+  if not jnp.issubdtype(arr.dtype, jnp.integer):
+    raise TypeError(f"a seed must be an integer or a PRNG key, got "
+                    f"{seed_or_key!r}.")
+  if arr.ndim == 0:  # an integer seed given as an array (inject_hyperparams)
+    return jax.random.PRNGKey(arr)
+  return arr.astype(jnp.uint32)  # a raw key

@@ -67,7 +67,8 @@ class PolicyState(NamedTuple):
   Attributes:
     selection: bool[L], the groups selected for the coming step.
     count: int32, number of ``update`` calls so far (= steps taken).
-    key: PRNG key (uint32[2]), replicated on every device.
+    key: PRNG key, replicated on every device: a raw ``uint32`` key, or a
+      typed key (``jax.random.key``) when one was given.
     score: float32[L], the policy's per-group memory (smoothed statistic,
       bandit probabilities, ...).
   """
@@ -82,14 +83,6 @@ class Policy(NamedTuple):
   init: Callable[[int, jax.Array], PolicyState]
   update: Callable[[PolicyState, LayerStats], PolicyState]
   may_change: Callable[[int], bool]
-
-
-def _key(seed_or_key: Union[int, jax.Array, None]) -> jax.Array:
-  if seed_or_key is None:
-    seed_or_key = 0
-  if isinstance(seed_or_key, (int, np.integer)):
-    return jax.random.PRNGKey(int(seed_or_key))
-  return jnp.asarray(seed_or_key, jnp.uint32)
 
 
 def _as_flags(selected: Sequence[Union[int, bool]], num_groups: int
@@ -151,7 +144,7 @@ def fixed(selected: Sequence[Union[int, bool]]) -> Policy:
   """Always the same groups (positions in depth order, or bools)."""
 
   def init(num_groups, key=None):
-    return _state(_as_flags(selected, num_groups), _key(key))
+    return _state(_as_flags(selected, num_groups), args_lib.as_key(key))
 
   def update(state, stats):
     del stats
@@ -207,7 +200,7 @@ def top_k(
     _check_k(k, num_groups)
     flags = (_as_flags(initial, num_groups) if initial is not None else
              np.arange(num_groups) >= num_groups - k)
-    return _state(flags, _key(key), jnp.full(num_groups, jnp.nan))
+    return _state(flags, args_lib.as_key(key), jnp.full(num_groups, jnp.nan))
 
   def update(state, stats):
     value = _statistic(stats, statistic)
@@ -238,7 +231,7 @@ def reselect_every(policy: Policy, every: int) -> Policy:
                 lambda step: step == 0 or step % every == 0)
 
 
-def random_k(k: int, seed: int = 0) -> Policy:
+def random_k(k: int, seed: args_lib.SeedOrKey = 0) -> Policy:
   """``k`` groups drawn uniformly at random every step (a baseline)."""
   k = args_lib.check_int(k, "k", 1)
 
@@ -248,7 +241,7 @@ def random_k(k: int, seed: int = 0) -> Policy:
 
   def init(num_groups, key=None):
     _check_k(k, num_groups)
-    key = _key(seed if key is None else key)
+    key = args_lib.as_key(seed if key is None else key)
     key, sub = jax.random.split(key)
     return _state(draw(sub, num_groups), key)
 
@@ -266,7 +259,7 @@ def bandit(
     *,
     scale_invariant: bool = False,
     min_prob: float = 1e-3,
-    seed: int = 0,
+    seed: args_lib.SeedOrKey = 0,
 ) -> Policy:
   """EXP3-style layer sampling with importance weights (SL-SAM's rule).
 
@@ -289,7 +282,8 @@ def bandit(
     eta: bandit learning rate.
     scale_invariant: normalize rewards by their maximum (see above).
     min_prob: lower bound on every probability.
-    seed: PRNG seed when ``init`` gets no key.
+    seed: PRNG seed (an int, a raw or a typed key) when ``init`` gets no
+      key.
 
   Returns:
     A :class:`Policy` whose selection may change every step.
@@ -326,7 +320,7 @@ def bandit(
     return jnp.clip(p, min_prob, 1.0)
 
   def init(num_groups, key=None):
-    key = _key(seed if key is None else key)
+    key = args_lib.as_key(seed if key is None else key)
     probs = jnp.full(num_groups, fraction, jnp.float32)
     key, sel = draw(key, probs)
     return _state(sel, key, probs)

@@ -99,7 +99,8 @@ class ScheduleState(NamedTuple):
 
   Attributes:
     count: int32, steps taken so far.
-    key: PRNG key (uint32[2]), identical on every device.
+    key: PRNG key, identical on every device: a raw ``uint32`` key, or a
+      typed key (``jax.random.key``) when one was given.
   """
   count: jax.Array
   key: jax.Array
@@ -107,7 +108,7 @@ class ScheduleState(NamedTuple):
 
 def _simple_init(key: jax.Array) -> ScheduleState:
   return ScheduleState(count=jnp.zeros([], jnp.int32),
-                       key=jnp.asarray(key, jnp.uint32))
+                       key=args_lib.as_key(key))
 
 
 def _simple_update(state: ScheduleState, recomputed, stats) -> ScheduleState:
@@ -306,7 +307,7 @@ def recompute_adaptive(
   def init(key):
     z = jnp.zeros([window], jnp.float32)
     return AdaptiveScheduleState(
-        count=jnp.zeros([], jnp.int32), key=jnp.asarray(key, jnp.uint32),
+        count=jnp.zeros([], jnp.int32), key=args_lib.as_key(key),
         rate=jnp.asarray(init_rate, jnp.float32),
         done=jnp.zeros([], jnp.int32), norms=z, ratios=z, variances=z,
         observed=jnp.zeros([], jnp.int32))
@@ -558,7 +559,7 @@ def reuse_sam(
     perturbation: Optional[optax.GradientTransformation] = None,
     perturb: groups_lib.MaskOrFn = None,
     stats_on: groups_lib.MaskOrFn = None,
-    seed: int = 0,
+    seed: args_lib.SeedOrKey = 0,
     axis_name: Optional[str] = None,
     sync_ascent: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -593,7 +594,8 @@ def reuse_sam(
     perturb: static subset of leaves to perturb (mask or ``params -> mask``).
     stats_on: leaves whose norms feed the schedule's statistics (mask or
       ``params -> mask``); default every leaf.
-    seed: seed of the schedule's PRNG key (identical on every device).
+    seed: seed of the schedule's PRNG key (identical on every device): an
+      int, a raw ``uint32`` key or a typed key.
     axis_name: mapped axis to average the gradients over.
     sync_ascent: also average the ascent gradient (default: m-sharpness,
       each device perturbs along its own shard's gradient).
@@ -619,7 +621,7 @@ def reuse_sam(
     return ReuseState(
         opt_state=optimizer.init(params),
         perturbation_state=perturbation.init(params),
-        schedule=schedule.init(jax.random.PRNGKey(seed)),
+        schedule=schedule.init(args_lib.as_key(seed)),
         stored=jax.tree.map(jnp.zeros_like, params),
         age=jnp.zeros([], jnp.int32),
         count=jnp.zeros([], jnp.int32),

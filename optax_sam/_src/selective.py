@@ -102,7 +102,7 @@ def selective_sam(
     order: Any = None,
     axis_name: Optional[str] = None,
     sync_ascent: bool = False,
-    seed: int = 0,
+    seed: args_lib.SeedOrKey = 0,
 ) -> optax.GradientTransformationExtraArgs:
   """SAM on a subset of layers chosen at run time by a policy.
 
@@ -136,7 +136,8 @@ def selective_sam(
     axis_name: mapped axis to average the descent gradient (and so the
       policy's statistics) over.
     sync_ascent: also average the ascent gradient (default: m-sharpness).
-    seed: PRNG seed of the policy (identical on every device).
+    seed: PRNG seed of the policy (identical on every device): an int, a raw
+      ``uint32`` key or a typed key.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -161,7 +162,7 @@ def selective_sam(
   def init_fn(params):
     groups = groups_of(params)
     num = groups.num_groups
-    pstate = policy.init(num, jax.random.PRNGKey(seed))
+    pstate = policy.init(num, args_lib.as_key(seed))
     return SelectiveState(
         opt_state=optimizer.init(params),
         perturbation_state=perturbation.init(params),
