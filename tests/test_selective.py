@@ -104,11 +104,11 @@ def _deep():
   return deep_mlp(DEPTH, WIDTH, 32, 4)
 
 
-def _train(executor, policy, restrict_descent, steps=10, **kwargs):
+def _train(executor, policy, restrict_descent, steps=10):
   params, loss, x, y = _deep()
   tx = optax_sam.selective_sam(optax.sgd(0.1, momentum=0.9), policy,
                                executor=executor,
-                               restrict_descent=restrict_descent, **kwargs)
+                               restrict_descent=restrict_descent)
   state = tx.init(params)
   if executor == "specialize":
     step = optax_sam.SpecializedStep(tx, loss, policy=policy)
@@ -140,16 +140,47 @@ def test_executors_equal_dense(policy, restrict_descent):
     assert_trees_close(got, ref, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("policy", ["bandit", "random2"])
+def _selections(policy, steps=8, **kwargs):
+  """Selections of selective_sam on the 2-layer MLP, and the last state."""
+  p, x, y = setup(0)
+  tx = optax_sam.selective_sam(optax.sgd(LR), policy, executor="dense",
+                               **kwargs)
+  _, sels, state = _run(tx, p, x, y, steps, "c2", True)
+  return [s.astype(int).tolist() for s in sels], state
+
+
+SEEDED = {
+    "bandit": lambda **kw: optax_sam.bandit(0.5, eta=1.0, **kw),
+    "random_k": lambda **kw: optax_sam.random_k(1, **kw),
+}
+
+
+@pytest.mark.parametrize("policy", sorted(SEEDED))
 def test_seed_may_be_a_typed_or_raw_key(policy):
-  ref, ref_sels, _, _ = _train("switch", POLICIES[policy](), False, steps=5,
-                               seed=3)
+  ref, _ = _selections(SEEDED[policy](), seed=3)
   for seed in (jax.random.PRNGKey(3), jax.random.key(3)):
-    got, sels, state, _ = _train("switch", POLICIES[policy](), False,
-                                 steps=5, seed=seed)
-    assert sels == ref_sels
-    assert_trees_close(got, ref, rtol=0, atol=0)
+    sels, state = _selections(SEEDED[policy](), seed=seed)
+    assert sels == ref
   assert jax.dtypes.issubdtype(state.policy.key.dtype, jax.dtypes.prng_key)
+
+
+@pytest.mark.parametrize("policy", sorted(SEEDED))
+def test_the_policy_seed_is_the_one_used(policy):
+  make = SEEDED[policy]
+  # The policy's own seed drives it (it was silently replaced by 0).
+  by_policy, _ = _selections(make(seed=5))
+  by_engine, _ = _selections(make(), seed=5)
+  other, _ = _selections(make(seed=6))
+  assert by_policy == by_engine
+  assert by_policy != other
+  # Both given: the same seed is fine, two different ones raise.
+  same, _ = _selections(make(seed=5), seed=jax.random.key(5))
+  assert same == by_policy
+  with pytest.raises(ValueError, match="one place"):
+    optax_sam.selective_sam(optax.sgd(0.1), make(seed=5), seed=6)
+  # Held by reselect_every, the seed is still the policy's.
+  held, _ = _selections(optax_sam.reselect_every(make(seed=5), 1))
+  assert held == by_policy
 
 
 def test_no_recompilation_under_switch_and_branch_counts():

@@ -122,3 +122,13 @@ def as_key(seed_or_key: Optional[SeedOrKey] = None) -> jax.Array:
   if arr.ndim == 0:  # an integer seed given as an array (inject_hyperparams)
     return jax.random.PRNGKey(arr)
   return arr.astype(jnp.uint32)  # a raw key
+
+
+def same_seed(a: SeedOrKey, b: SeedOrKey) -> Optional[bool]:
+  """Whether two seeds or keys give the same key; None if either is traced."""
+  if is_traced(a) or is_traced(b):
+    return None
+  ka, kb = as_key(a), as_key(b)
+  ka = np.asarray(jax.random.key_data(ka) if is_key(ka) else ka)
+  kb = np.asarray(jax.random.key_data(kb) if is_key(kb) else kb)
+  return ka.shape == kb.shape and bool(np.all(ka == kb))

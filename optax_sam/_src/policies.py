@@ -79,10 +79,19 @@ class PolicyState(NamedTuple):
 
 
 class Policy(NamedTuple):
-  """A selection policy (see the module docstring)."""
+  """A selection policy (see the module docstring).
+
+  Attributes:
+    init: ``init(num_groups, key) -> PolicyState``.
+    update: ``update(state, stats) -> PolicyState``.
+    may_change: ``may_change(step) -> bool``, static, on the host.
+    seed: the seed (or key) the policy was built with, or None when none was
+      given; :func:`optax_sam.selective_sam` initialises the policy with it.
+  """
   init: Callable[[int, jax.Array], PolicyState]
   update: Callable[[PolicyState, LayerStats], PolicyState]
   may_change: Callable[[int], bool]
+  seed: Optional[Any] = None
 
 
 def _as_flags(selected: Sequence[Union[int, bool]], num_groups: int
@@ -228,11 +237,15 @@ def reselect_every(policy: Policy, every: int) -> Policy:
         selection=jnp.where(adopt, new.selection, state.selection))
 
   return Policy(policy.init, update,
-                lambda step: step == 0 or step % every == 0)
+                lambda step: step == 0 or step % every == 0, policy.seed)
 
 
-def random_k(k: int, seed: args_lib.SeedOrKey = 0) -> Policy:
-  """``k`` groups drawn uniformly at random every step (a baseline)."""
+def random_k(k: int, seed: Optional[args_lib.SeedOrKey] = None) -> Policy:
+  """``k`` groups drawn uniformly at random every step (a baseline).
+
+  ``seed`` (an int, a raw or a typed key; None: 0) is used when ``init``
+  gets no key, and by :func:`optax_sam.selective_sam`.
+  """
   k = args_lib.check_int(k, "k", 1)
 
   def draw(key, num_groups):
@@ -250,7 +263,7 @@ def random_k(k: int, seed: args_lib.SeedOrKey = 0) -> Policy:
     return state._replace(selection=draw(sub, stats.sq_norms.shape[0]),
                           count=state.count + 1, key=key)
 
-  return Policy(init, update, lambda step: True)
+  return Policy(init, update, lambda step: True, seed)
 
 
 def bandit(
@@ -259,7 +272,7 @@ def bandit(
     *,
     scale_invariant: bool = False,
     min_prob: float = 1e-3,
-    seed: args_lib.SeedOrKey = 0,
+    seed: Optional[args_lib.SeedOrKey] = None,
 ) -> Policy:
   """EXP3-style layer sampling with importance weights (SL-SAM's rule).
 
@@ -282,8 +295,8 @@ def bandit(
     eta: bandit learning rate.
     scale_invariant: normalize rewards by their maximum (see above).
     min_prob: lower bound on every probability.
-    seed: PRNG seed (an int, a raw or a typed key) when ``init`` gets no
-      key.
+    seed: PRNG seed (an int, a raw or a typed key; None: 0) used when
+      ``init`` gets no key, and by :func:`optax_sam.selective_sam`.
 
   Returns:
     A :class:`Policy` whose selection may change every step.
@@ -338,4 +351,4 @@ def bandit(
     key, selection = draw(state.key, probs)
     return PolicyState(selection, state.count + 1, key, probs)
 
-  return Policy(init, update, lambda step: True)
+  return Policy(init, update, lambda step: True, seed)

@@ -102,7 +102,7 @@ def selective_sam(
     order: Any = None,
     axis_name: Optional[str] = None,
     sync_ascent: bool = False,
-    seed: args_lib.SeedOrKey = 0,
+    seed: Optional[args_lib.SeedOrKey] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SAM on a subset of layers chosen at run time by a policy.
 
@@ -137,7 +137,10 @@ def selective_sam(
       policy's statistics) over.
     sync_ascent: also average the ascent gradient (default: m-sharpness).
     seed: PRNG seed of the policy (identical on every device): an int, a raw
-      ``uint32`` key or a typed key.
+      ``uint32`` key or a typed key. The seed has one place: give it to the
+      policy (``bandit(seed=...)``, ``random_k(k, seed=...)``) or here, for
+      a policy built without one; given in both places and different, it
+      raises ``ValueError``. Neither: seed 0.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -149,6 +152,14 @@ def selective_sam(
     perturbation = perturb_lib.sam_perturbation(rho)
   if not isinstance(policy, policies_lib.Policy):
     raise TypeError(f"policy must be an optax_sam.Policy, got {policy!r}.")
+  if seed is None:
+    seed = policy.seed
+  elif (policy.seed is not None
+        and args_lib.same_seed(seed, policy.seed) is False):
+    raise ValueError(
+        f"selective_sam got seed={seed!r} and its policy was built with "
+        f"seed={policy.seed!r}: give the seed in one place (the policy's "
+        "seed=, or selective_sam's seed= for a policy built without one).")
   if sync_ascent and axis_name is None:
     raise ValueError("sync_ascent=True needs an axis_name.")
   ex = executors_lib.get_executor(executor)
