@@ -337,6 +337,25 @@ def test_arsam_seed_may_be_a_typed_or_raw_key():
     assert_trees_close(got[-1], runs[0][0][-1], rtol=0, atol=0)
 
 
+def test_engine_counters_saturate_instead_of_wrapping():
+  p, x, y = setup()
+  params = to_jax(p)
+  tx = optax_sam.arsam(optax.sgd(LR), rho=RHO,
+                       schedule=optax_sam.recompute_every(2))
+  step = jax.jit(optax_sam.make_update(tx, jax_loss))
+  big = jnp.asarray(np.iinfo(np.int32).max, jnp.int32)
+  state = tx.init(params)
+  _, _, state = step(params, state, x, y)  # store a PSF first
+  state = state._replace(age=big, recomputes=big)
+  for recompute in (False, True):  # count 1: reuse (age), 2: recompute
+    _, u, state = step(params, state, x, y)
+    assert bool(state.recomputed) == recompute
+    assert int(state.age) == (0 if recompute else int(big))
+    assert int(state.recomputes) == int(big)
+    for leaf in jax.tree.leaves(u):
+      assert np.all(np.isfinite(np.asarray(leaf)))
+
+
 # --- Compiled cost: reuse branch ~ 1 SGD gradient, recompute ~ 2. ---
 
 DEPTH, WIDTH, BATCH = 4, 128, 64

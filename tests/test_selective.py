@@ -196,6 +196,19 @@ def test_no_recompilation_under_switch_and_branch_counts():
   assert float(state.descent_active) == 1.0
 
 
+def test_branch_counts_saturate_instead_of_wrapping():
+  p, x, y = setup(0)
+  tx = optax_sam.selective_sam(optax.sgd(LR), optax_sam.top_k(1))
+  params = to_jax(p)
+  state = tx.init(params)
+  big = np.iinfo(np.int32).max
+  state = state._replace(branch_counts=jnp.full_like(state.branch_counts,
+                                                     big))
+  _, _, state = jax.jit(optax_sam.make_update(tx, jax_loss))(params, state,
+                                                             x, y)
+  assert np.asarray(state.branch_counts).tolist() == [big] * 2
+
+
 def test_specialized_step_compiles_once_per_subset():
   _, sels, _, step = _train("specialize", POLICIES["top2_every3"](), False,
                             10)

@@ -42,6 +42,7 @@ from typing import Any, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from optax_sam._src import arguments as args_lib
 
@@ -157,7 +158,7 @@ def fixed(selected: Sequence[Union[int, bool]]) -> Policy:
 
   def update(state, stats):
     del stats
-    return state._replace(count=state.count + 1)
+    return state._replace(count=optax.safe_increment(state.count))
 
   return Policy(init, update, lambda step: step == 0)
 
@@ -216,8 +217,8 @@ def top_k(
     fresh = jnp.isnan(state.score)
     smoothed = jnp.where(fresh, value, ema * state.score + (1 - ema) * value)
     score = jnp.where(stats.observed, smoothed, state.score)
-    return PolicyState(top_k_mask(score, k), state.count + 1, state.key,
-                       score)
+    return PolicyState(top_k_mask(score, k),
+                       optax.safe_increment(state.count), state.key, score)
 
   return Policy(init, update, lambda step: True)
 
@@ -261,7 +262,7 @@ def random_k(k: int, seed: Optional[args_lib.SeedOrKey] = None) -> Policy:
   def update(state, stats):
     key, sub = jax.random.split(state.key)
     return state._replace(selection=draw(sub, stats.sq_norms.shape[0]),
-                          count=state.count + 1, key=key)
+                          count=optax.safe_increment(state.count), key=key)
 
   return Policy(init, update, lambda step: True, seed)
 
@@ -349,6 +350,7 @@ def bandit(
     w = jnp.where(sel, probs * jnp.exp(-eta * loss / probs), probs)
     probs = normalise(w, probs.shape[0])
     key, selection = draw(state.key, probs)
-    return PolicyState(selection, state.count + 1, key, probs)
+    return PolicyState(selection, optax.safe_increment(state.count), key,
+                       probs)
 
   return Policy(init, update, lambda step: True, seed)

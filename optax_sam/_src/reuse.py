@@ -116,6 +116,11 @@ def _simple_update(state: ScheduleState, recomputed, stats) -> ScheduleState:
   return ScheduleState(optax.safe_increment(state.count), state.key)
 
 
+def _increment_where(pred: jax.Array, count: jax.Array) -> jax.Array:
+  """``count + 1`` (saturating, ``optax.safe_increment``) where ``pred``."""
+  return jnp.where(pred, optax.safe_increment(count), count)
+
+
 def recompute_every(k: int, offset: int = 0) -> ReuseSchedule:
   """Recompute on steps ``offset, offset + k, offset + 2k, ...`` (LookSAM).
 
@@ -334,8 +339,8 @@ def recompute_adaptive(
     keep = lambda new, old: jnp.where(seen, new, old)
     norms, ratios = keep(norms, state.norms), keep(ratios, state.ratios)
     variances = keep(variances, state.variances)
-    observed = state.observed + seen.astype(jnp.int32)
-    done = state.done + recomputed.astype(jnp.int32)
+    observed = _increment_where(seen, state.observed)
+    done = _increment_where(recomputed, state.done)
     count = optax.safe_increment(state.count)
     boundary = (count >= warmup) & (jnp.mod(count - warmup, window) == 0)
     r1 = jnp.clip(mean_relative_change(ratios, observed), -1.0, 1.0)
@@ -669,7 +674,7 @@ def reuse_sam(
       # unused perturbation itself is dropped by XLA.
       _, pstate = perturbation.update(step_lib.restrict(g, mask), pstate,
                                       params)
-      age = state.age + 1
+      age = optax.safe_increment(state.age)
       descent = mixer.mix(g_bar, state.stored, age)
       descent = jax.tree.map(lambda a, d: d.astype(a.dtype), g_bar, descent)
       zero = jnp.zeros([], jnp.float32)
@@ -687,7 +692,7 @@ def reuse_sam(
       out = jax.lax.cond(pred, recompute, reuse, state.perturbation_state)
     descent, stored, pstate, stats, age = out
     sched_state = schedule.update(state.schedule, pred, stats)
-    recomputes = state.recomputes + pred.astype(jnp.int32)
+    recomputes = _increment_where(pred, state.recomputes)
     new_updates, opt_state = optimizer.update(descent, state.opt_state,
                                               params, **extra_args)
     return new_updates, ReuseState(

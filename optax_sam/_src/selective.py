@@ -237,7 +237,8 @@ def selective_sam(
     pstate = policy.update(state.policy, stats)
     new_updates, opt_state = optimizer.update(g_sam, state.opt_state, params,
                                               **extra_args)
-    counts = state.branch_counts.at[branch].add(1)
+    counts = state.branch_counts.at[branch].set(
+        optax.safe_increment(state.branch_counts[branch]))
     return new_updates, SelectiveState(
         opt_state, pert_state, pstate, selection, branch.astype(jnp.int32),
         counts, active[0], active[1])
