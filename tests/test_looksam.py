@@ -190,3 +190,12 @@ def test_pmap_replicas_identical_and_match_reference():
                        momentum=0.0)
   assert_trees_close(jax.tree.map(lambda a: a[0], q), want[-1], rtol=2e-5,
                      atol=2e-6)
+
+
+def test_docstrings_do_not_credit_per_tensor_projection_to_the_authors():
+  # No official LookSAM code exists: the per-group option is the library's.
+  for fn in (optax_sam.looksam, optax_sam.orthogonal_mixer):
+    doc = " ".join(fn.__doc__.split())
+    assert "authors' code" not in doc
+    assert "no official looksam code was released" in doc.lower()
+    assert "not the paper's" in doc

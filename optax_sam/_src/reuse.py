@@ -464,9 +464,10 @@ def orthogonal_mixer(
     alpha: the weight of the reused component (the paper's ``alpha``, 0.7 in
       its experiments), >= 0.
     per_layer: project and rescale per layer group instead of over all
-      leaves. The paper writes the global vectors; the per-tensor variant of
-      the authors' code is ``per_layer=True, labels=lambda path:
-      "/".join(path)``.
+      leaves. The paper writes global vectors (the default); the per-group
+      variant (per parameter tensor with ``labels=lambda path:
+      "/".join(path)``) is this library's choice, not the paper's: no
+      official LookSAM code was released.
     labels: layer labels for ``per_layer`` (default: parent path).
 
   Returns:
