@@ -126,3 +126,14 @@ def test_too_many_layers_errors_at_init():
   tx = optax_sam.layerwise_sam(optax.sgd(0.1), num_layers=3)
   with pytest.raises(ValueError, match="k must be"):
     tx.init(to_jax(setup(0)[0]))
+
+
+def test_the_kdd_paper_is_cited_with_one_year():
+  import re  # pylint: disable=g-import-not-at-top
+  from optax_sam._src import layerwise, selective  # pylint: disable=g-import-not-at-top
+  years = set()
+  for module in (layerwise, selective):
+    found = re.findall(r"2503\.14205>`_, KDD (\d{4})", module.__doc__)
+    assert found, module.__name__
+    years.update(found)
+  assert years == {"2024"}

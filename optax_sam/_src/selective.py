@@ -34,7 +34,7 @@ References:
   Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
 
   Lee, `Layer-wise Adaptive Gradient Norm Penalizing Method for Efficient and
-  Accurate Deep Learning <https://arxiv.org/abs/2503.14205>`_, KDD 2025.
+  Accurate Deep Learning <https://arxiv.org/abs/2503.14205>`_, KDD 2024.
 
   Cheng et al., `Sparse Layer Sharpness-Aware Minimization for Efficient
   Fine-Tuning <https://arxiv.org/abs/2602.09395>`_, 2026.
