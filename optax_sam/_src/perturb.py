@@ -262,8 +262,7 @@ def asam_perturbation(
   """ASAM's ascent step ``eps = rho * T_w^2 g / ||T_w g||``.
 
   Args:
-    rho: the neighbourhood radius (constant or schedule), > 0 (a schedule's
-      non-finite or negative value counts as 0, see :func:`scale_by_rho`).
+    rho: the neighbourhood radius, as in :func:`sam_perturbation`.
     eta: ``T_w = |w| + eta``.
     adaptive_mask: leaves that get ``T_w`` (others use 1), see
       :func:`scale_by_parameter_magnitude`.
