@@ -195,12 +195,12 @@ def test_typed_and_raw_keys_give_the_same_draws(make):
       "raw_key": lambda: make().init(6, jax.random.PRNGKey(7)),
       "typed_key": lambda: make().init(6, jax.random.key(7)),
   }
+  upd = jax.jit(make().update)
   runs = {}
   for name, init in inits.items():
     s = init()
     assert jax.dtypes.issubdtype(s.key.dtype, jax.dtypes.prng_key) == (
         name.startswith("typed"))
-    upd = jax.jit(make().update)
     sels = [_sel(s)]
     for t in range(5):
       s = upd(s, _stats(np.arange(6.0) + t))
