@@ -19,44 +19,19 @@ import pytest
 
 import optax_sam
 import reference
-from _util import assert_trees_close, jax_loss, setup, to_jax, deep_mlp, make_step
+from _util import (assert_trees_close, deep_mlp, flops, jax_loss, run_steps,
+                   setup, to_jax)
 
 LR, MOM, RHO = 0.1, 0.9, 0.05
 LAYERS = ("hidden", "out")
 
 
-def _np_selective(p, x, y, steps, k, restrict_descent):
-  """Top-k by the last descent gradient's layer norms; initial: last k."""
-  p = reference.tmap(lambda a: a.astype(np.float64), p)
-  trace = reference.tmap(np.zeros_like, p)
-  selected = LAYERS[len(LAYERS) - k:]
-  out, sels = [], []
-  for _ in range(steps):
-    sels.append(tuple(selected))
-    g = reference.sam_gradient(p, [(x, y)], RHO, layers=selected)
-    if restrict_descent:
-      g = {name: {n: (v if name in selected else np.zeros_like(v))
-                  for n, v in g[name].items()} for name in g}
-    norms = [np.sqrt(sum(np.sum(v ** 2) for v in g[n].values()))
-             for n in LAYERS]
-    order = sorted(range(len(LAYERS)), key=lambda i: (norms[i], i))
-    selected = tuple(LAYERS[i] for i in sorted(order[len(LAYERS) - k:]))
-    trace = reference.tmap(lambda gg, t: gg + MOM * t, g, trace)
-    p = reference.tmap(lambda a, t: a - LR * t, p, trace)
-    out.append(p)
-  return out, sels
-
-
 def _run(tx, p, x, y, steps, path, jit):
-  params, state = to_jax(p), tx.init(to_jax(p))
-  step = make_step(tx, path, jit)
-  out, sels = [], []
-  for _ in range(steps):
-    _, u, state = step(params, state, x, y)
-    params = optax.apply_updates(params, u)
-    out.append(params)
-    sels.append(np.asarray(state.last_selection))
-  return out, sels, state
+  """Params after each step, the selection each step used, the last
+  state."""
+  out, states = run_steps(tx, to_jax(p), lambda s: [(x, y)], path, steps,
+                          jit)
+  return out, [np.asarray(s.last_selection) for s in states], states[-1]
 
 
 @pytest.mark.parametrize("executor, restrict_descent, path, jit", [
@@ -69,7 +44,8 @@ def test_matches_numpy_reference(executor, restrict_descent, path, jit):
       optax.sgd(LR, momentum=MOM), optax_sam.top_k(1), rho=RHO,
       executor=executor, restrict_descent=restrict_descent)
   got, sels, _ = _run(tx, p, x, y, 6, path, jit)
-  want, want_sels = _np_selective(p, x, y, 6, 1, restrict_descent)
+  want, want_sels = reference.run_top_k_momentum(
+      p, x, y, 6, LR, MOM, RHO, 1, restrict_descent=restrict_descent)
   names = [tuple(n for n, f in zip(LAYERS, s) if f) for s in sels]
   assert names == want_sels
   if not restrict_descent:  # (restricted: unobserved layers keep no score)
@@ -226,11 +202,6 @@ def test_specialize_without_driver_errors():
     optax_sam.make_update(tx, loss)(params, tx.init(params), x, y)
 
 
-def _flops(fn, *args):
-  ca = jax.jit(fn).lower(*args).compile().cost_analysis()
-  return (ca[0] if isinstance(ca, (list, tuple)) else ca)["flops"]
-
-
 def test_branch_flops_match_static_subset():
   params, loss, x, y = _deep()
   groups = optax_sam.layer_groups(params)
@@ -240,13 +211,13 @@ def test_branch_flops_match_static_subset():
   update = optax_sam.make_update(tx, loss)
 
   def branch(flags):
-    return _flops(lambda p, s, a, b: update(p, s, a, b,
+    return flops(lambda p, s, a, b: update(p, s, a, b,
                                             static_selection=flags),
                   params, state, x, y)
 
   def static(names):
     st = optax_sam.sam(optax.sgd(0.1), perturb=groups.mask(names))
-    return _flops(optax_sam.make_update(st, loss), params, st.init(params),
+    return flops(optax_sam.make_update(st, loss), params, st.init(params),
                   x, y)
 
   full = branch((True,) * DEPTH)
