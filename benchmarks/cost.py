@@ -37,13 +37,20 @@ class Problem(NamedTuple):
   labels: Any = None  # layer labels used for ``groups`` (None: default)
 
 
-def mlp_problem(depth: int = 8, width: int = 256, batch: int = 128,
-                seed: int = 0, image: Any = None) -> Problem:
-  """A deep tanh MLP on random data (cost does not depend on the data)."""
-  del image
+def deep_tanh_mlp(depth: int, width: int, batch: int, *, scale: Any = None,
+                  seed: int = 0) -> tuple[Any, Callable[..., Any], Any]:
+  """A deep tanh MLP on random inputs: ``(params, loss_fn, x)``.
+
+  Layers ``layer0`` ... with ``w ~ N(0, 1) / scale`` (default
+  ``sqrt(width)``) and zero biases, tanh between them;
+  ``loss_fn(params, x, y)`` is the mean squared error of the last layer's
+  output. (The tests' deep MLP too.)
+  """
+  if scale is None:
+    scale = np.sqrt(width)
   keys = jax.random.split(jax.random.PRNGKey(seed), depth + 1)
-  params = {f"layer{i}": {"w": jax.random.normal(k, (width, width))
-                          / np.sqrt(width), "b": jnp.zeros(width)}
+  params = {f"layer{i}": {"w": jax.random.normal(k, (width, width)) / scale,
+                          "b": jnp.zeros(width)}
             for i, k in enumerate(keys[:depth])}
 
   def loss_fn(p, x, y):
@@ -54,7 +61,14 @@ def mlp_problem(depth: int = 8, width: int = 256, batch: int = 128,
         h = jnp.tanh(h)
     return jnp.mean(jnp.square(h - y))
 
-  x = jax.random.normal(keys[-1], (batch, width))
+  return params, loss_fn, jax.random.normal(keys[-1], (batch, width))
+
+
+def mlp_problem(depth: int = 8, width: int = 256, batch: int = 128,
+                seed: int = 0, image: Any = None) -> Problem:
+  """A deep tanh MLP on random data (cost does not depend on the data)."""
+  del image
+  params, loss_fn, x = deep_tanh_mlp(depth, width, batch, seed=seed)
   return Problem("mlp", params, loss_fn, False, (x, x),
                  optax_sam.layer_groups(params))
 

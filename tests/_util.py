@@ -1,10 +1,17 @@
-"""Shared test helpers: the reference MLP in jax, and conversions."""
+"""Shared test helpers: the reference MLP in jax, conversions, step loops, the
+deep MLP problem, compiled FLOPs, and the 8-device harness."""
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
 
 import reference
+from benchmarks import cost as cost_lib
 
 
 def jax_loss(params, x, y):
@@ -49,20 +56,91 @@ def make_step(tx, path, jit=True, loss=jax_loss):
   return jax.jit(step) if jit else step
 
 
+def rolling_batches(x, y):
+  """A different minibatch each step (the rows rotated by ``3 s`` at step
+  ``s``), as the references take it: ``s -> [(x_s, y_s)]``, one shard."""
+  return lambda s: [(np.roll(x, 3 * s, axis=0), np.roll(y, 3 * s, axis=0))]
+
+
+def run_steps(tx, params, batches, path, steps, jit=True):
+  """Runs ``steps`` steps of ``tx`` via C1 or C2 (:func:`make_step`), step
+  ``s`` on the one shard of ``batches(s)``; returns the params and the
+  optimizer state after each step."""
+  state = tx.init(params)
+  step = make_step(tx, path, jit)
+  out, states = [], []
+  for s in range(steps):
+    (xb, yb), = batches(s)
+    _, u, state = step(params, state, jnp.asarray(xb), jnp.asarray(yb))
+    params = optax.apply_updates(params, u)
+    out.append(params)
+    states.append(state)
+  return out, states
+
+
 def deep_mlp(depth, width, batch, scale, seed=0):
-  """A deep tanh MLP regression problem: ``(params, loss, x, y)``."""
-  keys = jax.random.split(jax.random.PRNGKey(seed), depth + 1)
-  params = {f"layer{i}": {"w": jax.random.normal(k, (width, width)) / scale,
-                          "b": jnp.zeros(width)}
-            for i, k in enumerate(keys[:depth])}
+  """A deep tanh MLP regression problem: ``(params, loss, x, y)``.
 
-  def loss(q, xb, yb):
-    h = xb
-    for i in range(depth):
-      h = h @ q[f"layer{i}"]["w"] + q[f"layer{i}"]["b"]
-      if i < depth - 1:
-        h = jnp.tanh(h)
-    return jnp.mean(jnp.square(h - yb))
-
-  x = jax.random.normal(keys[-1], (batch, width))
+  The benchmarks' MLP (:func:`benchmarks.cost.deep_tanh_mlp`, weights
+  ``N(0, 1) / scale``) with targets ``sin(x)``.
+  """
+  params, loss, x = cost_lib.deep_tanh_mlp(depth, width, batch, scale=scale,
+                                           seed=seed)
   return params, loss, x, jnp.sin(x)
+
+
+def flops(fn, *args):
+  """FLOPs of ``jax.jit(fn)`` compiled for ``args`` (XLA's cost analysis)."""
+  ca = jax.jit(fn).lower(*args).compile().cost_analysis()
+  return (ca[0] if isinstance(ca, (list, tuple)) else ca)["flops"]
+
+
+# ------------------------------------------------- 8 simulated devices
+
+N_DEV = 8
+
+
+def device_data():
+  """The reference MLP and a batch of 4 rows per device: ``(p, x, y)``;
+  skips the test without 8 devices (see conftest.py)."""
+  if jax.device_count() < N_DEV:
+    pytest.skip("needs XLA_FLAGS=--xla_force_host_platform_device_count=8")
+  p = reference.init_params(0)
+  x, y = reference.make_data(1, n=4 * N_DEV)
+  return p, x, y
+
+
+def shards(x, y):
+  """The per-device shards of a batch: device ``i`` holds rows ``i::N_DEV``."""
+  return [(x[i::N_DEV], y[i::N_DEV]) for i in range(N_DEV)]
+
+
+def stack(x):
+  """``(N, ...) -> (N_DEV, N / N_DEV, ...)``, entry ``i`` = rows ``i::N_DEV``
+  (the shards of :func:`shards`, stacked)."""
+  return jnp.asarray(x).reshape(-1, N_DEV, *x.shape[1:]).swapaxes(0, 1)
+
+
+def replicate(tree):
+  """One copy of ``tree`` per device, stacked (for ``jax.pmap``)."""
+  return jax.tree.map(lambda a: jnp.broadcast_to(a, (N_DEV,) + a.shape), tree)
+
+
+def shard_map_train(step, steps=1, check_vma=True):
+  """``jit(shard_map(train))`` over ``N_DEV`` devices, where ``train(params,
+  state, xs, ys)`` runs ``steps`` calls of ``step(params, state, xb, yb) ->
+  (value, updates, state)`` and returns the params; params and state are
+  replicated, ``xs``/``ys`` come from :func:`stack`."""
+  mesh = Mesh(np.array(jax.devices()[:N_DEV]), ("dev",))
+
+  @jax.jit
+  @functools.partial(jax.shard_map, mesh=mesh,
+                     in_specs=(P(), P(), P("dev"), P("dev")),
+                     out_specs=P(), check_vma=check_vma)
+  def train(q, st, xb, yb):
+    for _ in range(steps):
+      _, u, st = step(q, st, xb[0], yb[0])
+      q = optax.apply_updates(q, u)
+    return q
+
+  return train

@@ -121,6 +121,49 @@ def run_sam_momentum(p, batches, steps, lr, momentum, rho, **kw):
   return out
 
 
+# --- Layer selection (selective_sam, layerwise_sam). ---
+
+
+def top_k_layers(g, k, layers=LAYERS):
+  """The ``k`` layers with the largest gradient norm, in depth order (ties:
+  the deeper layer wins)."""
+  norms = [global_norm(g, [n]) for n in layers]
+  order = sorted(range(len(layers)), key=lambda i: (norms[i], i))
+  return tuple(layers[i] for i in sorted(order[len(layers) - k:]))
+
+
+def run_top_k_momentum(p, x, y, steps, lr, momentum, rho, k, interval=1,
+                       alpha=1.0, restrict_descent=False):
+  """Trajectory of top-k layer-selective SAM with optax.sgd(lr, momentum).
+
+  SAM's ascent on the selected layers (the last ``k`` at first); on them the
+  descent gradient is ``(1 - alpha) g + alpha g_adv``, on the others
+  ``g_adv`` (0 with ``restrict_descent``). After every ``interval`` steps the
+  selection becomes :func:`top_k_layers` of that step's descent gradient.
+  Returns (params after each step, the selection each step used).
+  """
+  p = tmap(lambda a: a.astype(np.float64), p)
+  trace = tmap(np.zeros_like, p)
+  selected = LAYERS[len(LAYERS) - k:]
+  out, sels = [], []
+  for t in range(steps):
+    sels.append(tuple(selected))
+    _, g = loss_and_grad(p, x, y)
+    eps = sam_eps(g, rho, layers=selected)
+    _, g_adv = loss_and_grad(tmap(np.add, p, eps), x, y)
+    final = {n: {m: ((1 - alpha) * g[n][m] + alpha * g_adv[n][m]
+                     if n in selected else
+                     np.zeros_like(g_adv[n][m]) if restrict_descent else
+                     g_adv[n][m]) for m in g[n]}
+             for n in g}
+    if (t + 1) % interval == 0:
+      selected = top_k_layers(final, k)
+    trace = tmap(lambda gg, tr: gg + momentum * tr, final, trace)
+    p = tmap(lambda a, tr: a - lr * tr, p, trace)
+    out.append(p)
+  return out, sels
+
+
 # --- Reuse methods (LookSAM, ARSAM): added for test_looksam / test_arsam. ---
 
 

@@ -1,7 +1,6 @@
 """ARSAM and the reuse engine: numpy references, SAM equivalence, cost,
 schedules and data parallelism."""
 
-import functools
 import re
 
 import chex
@@ -10,20 +9,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
 
 import optax_sam
 import reference
-from _util import assert_trees_close, jax_loss, setup, to_jax, make_step
+from _util import (assert_trees_close, deep_mlp, device_data, flops,
+                   jax_loss, replicate, rolling_batches, run_steps, setup,
+                   shard_map_train, shards, stack, to_jax)
 
 LR, MOM, RHO, SEED = 0.1, 0.9, 0.05, 3
 # A small adaptive schedule whose rate moves within a few windows.
 ADAPTIVE = dict(window=4, blocks=2, max_fraction=1.0, gains=(0.6, 0.6),
                 init_rate=2.0, warmup_steps=3)
-
-
-def _batches(x, y):
-  return lambda s: [(np.roll(x, 3 * s, axis=0), np.roll(y, 3 * s, axis=0))]
 
 
 def _uniforms(seed, steps):
@@ -32,24 +28,11 @@ def _uniforms(seed, steps):
           for t in range(steps)]
 
 
-def _run(tx, params, x, y, path, steps, jit=True):
-  """Runs ``steps`` steps via C1 or C2; returns params and states."""
-  state = tx.init(params)
-  step = make_step(tx, path, jit)
-  out, states = [], []
-  for s in range(steps):
-    xb, yb = _batches(x, y)(s)[0]
-    _, u, state = step(params, state, jnp.asarray(xb), jnp.asarray(yb))
-    params = optax.apply_updates(params, u)
-    out.append(params)
-    states.append(state)
-  return out, states
-
-
 def _psf_reference(p, x, y, steps, decide, decay=0.7, horizon=6,
                    observe=None):
   return reference.run_reuse_momentum(
-      p, _batches(x, y), steps, LR, MOM, RHO, decide, reference.psf_store,
+      p, rolling_batches(x, y), steps, LR, MOM, RHO, decide,
+      reference.psf_store,
       lambda g, s, age: reference.psf_mix(g, s, age, decay, horizon),
       observe)
 
@@ -61,7 +44,8 @@ def test_adaptive_arsam_matches_numpy_reference(path, jit, steps):
   p, x, y = setup()
   tx = optax_sam.arsam(optax.sgd(LR, momentum=MOM), rho=RHO, seed=SEED,
                        schedule=optax_sam.recompute_adaptive(**ADAPTIVE))
-  got, states = _run(tx, to_jax(p), x, y, path, steps, jit)
+  got, states = run_steps(tx, to_jax(p), rolling_batches(x, y), path, steps,
+                          jit)
   sched = reference.AdaptiveScheduleRef(_uniforms(SEED, steps), **{
       k if k != "warmup_steps" else "warmup": v for k, v in ADAPTIVE.items()})
   want, decisions = _psf_reference(p, x, y, steps, lambda t: sched.decide(),
@@ -87,7 +71,7 @@ def test_psf_mixing_matches_reference(decay, horizon):
   tx = optax_sam.arsam(optax.sgd(LR, momentum=MOM), rho=RHO, decay=decay,
                        horizon=horizon,
                        schedule=optax_sam.recompute_every(5))
-  got, states = _run(tx, to_jax(p), x, y, "c2", 11)
+  got, states = run_steps(tx, to_jax(p), rolling_batches(x, y), "c2", 11)
   want, decisions = _psf_reference(p, x, y, 11, lambda t: t % 5 == 0,
                                    decay, horizon)
   assert [bool(s.recomputed) for s in states] == decisions
@@ -101,7 +85,7 @@ def test_bernoulli_schedule_matches_reference():
   steps, prob = 12, 0.4
   tx = optax_sam.arsam(optax.sgd(LR, momentum=MOM), rho=RHO, seed=SEED,
                        schedule=optax_sam.recompute_with_probability(prob))
-  got, states = _run(tx, to_jax(p), x, y, "c1", steps)
+  got, states = run_steps(tx, to_jax(p), rolling_batches(x, y), "c1", steps)
   u = _uniforms(SEED, steps)
   want, decisions = _psf_reference(p, x, y, steps, lambda t: u[t] < prob)
   assert [bool(s.recomputed) for s in states] == decisions
@@ -114,20 +98,21 @@ def test_bernoulli_schedule_matches_reference():
 def test_recompute_always_is_sam_exactly(path):
   p, x, y = setup()
   params = to_jax(p)
-  sam, _ = _run(optax_sam.sam(optax.sgd(LR, momentum=MOM), rho=RHO),
-                params, x, y, path, 3)
-  static, _ = _run(optax_sam.arsam(
+  batches = rolling_batches(x, y)
+  sam, _ = run_steps(optax_sam.sam(optax.sgd(LR, momentum=MOM), rho=RHO),
+                     params, batches, path, 3)
+  static, _ = run_steps(optax_sam.arsam(
       optax.sgd(LR, momentum=MOM), rho=RHO,
-      schedule=optax_sam.recompute_always()), params, x, y, path, 3)
+      schedule=optax_sam.recompute_always()), params, batches, path, 3)
   for a, b in zip(static, sam):
     chex.assert_trees_all_equal(a, b)
   # Dynamic predicates that are always true (a lax.cond in the program):
   # interval 1, and the default adaptive schedule inside its warm-up.
   for schedule in ((optax_sam.recompute_every(1), None) if path == "c2"
                    else ()):
-    dyn, states = _run(optax_sam.arsam(optax.sgd(LR, momentum=MOM), rho=RHO,
-                                       schedule=schedule),
-                       params, x, y, path, 3)
+    dyn, states = run_steps(
+        optax_sam.arsam(optax.sgd(LR, momentum=MOM), rho=RHO,
+                        schedule=schedule), params, batches, path, 3)
     assert all(bool(s.recomputed) for s in states)
     for a, b in zip(dyn, sam):
       assert_trees_close(a, b, rtol=1e-6, atol=1e-7)
@@ -252,9 +237,9 @@ def test_inject_hyperparams(factory):
   static = ("schedule",) if factory is optax_sam.arsam else ()
   injected = optax.inject_hyperparams(factory, static_args=static)(
       optimizer=optax.sgd(LR), rho=RHO, **kw)
-  got, states = _run(injected, params, x, y, "c2", 3)
-  want, _ = _run(factory(optax.sgd(LR), rho=RHO, **kw), params, x, y, "c2",
-                 3)
+  got, states = run_steps(injected, params, rolling_batches(x, y), "c2", 3)
+  want, _ = run_steps(factory(optax.sgd(LR), rho=RHO, **kw), params,
+                      rolling_batches(x, y), "c2", 3)
   assert_trees_close(got[-1], want[-1], rtol=1e-6, atol=1e-7)
   assert [bool(s.inner_state.recomputed) for s in states] == [1, 0, 1]
 
@@ -322,31 +307,63 @@ def test_cond_predicate_is_the_states_next_recompute():
     assert int(new.recomputes) == int(state.recomputes) + forced
 
 
+@pytest.mark.parametrize("schedule", [
+    optax_sam.recompute_with_probability(0.3),
+    optax_sam.recompute_adaptive(**ADAPTIVE)], ids=["probability", "adaptive"])
+def test_schedules_take_typed_and_raw_keys(schedule):
+  stats = optax_sam.ReuseStats(jnp.float32(1), jnp.float32(2))
+  runs = []
+  for key in (jax.random.PRNGKey(7), jax.random.key(7)):
+    state = schedule.init(key)
+    out = []
+    for _ in range(30):
+      out.append(bool(jax.jit(schedule.decide)(state)))
+      state = jax.jit(schedule.update)(state, out[-1], stats)
+    runs.append(out)
+  assert runs[0] == runs[1] and 0 < sum(runs[0]) < 30
+
+
+def test_arsam_seed_may_be_a_typed_or_raw_key():
+  p, x, y = setup()
+  params = to_jax(p)
+  sched = optax_sam.recompute_with_probability(0.5)
+  runs = []
+  for seed in (SEED, jax.random.PRNGKey(SEED), jax.random.key(SEED)):
+    tx = optax_sam.arsam(optax.sgd(LR), rho=RHO, schedule=sched, seed=seed)
+    runs.append(run_steps(tx, params, rolling_batches(x, y), "c2", 6))
+  for got, states in runs[1:]:
+    assert [bool(s.recomputed) for s in states] == [
+        bool(s.recomputed) for s in runs[0][1]]
+    assert_trees_close(got[-1], runs[0][0][-1], rtol=0, atol=0)
+
+
+def test_engine_counters_saturate_instead_of_wrapping():
+  p, x, y = setup()
+  params = to_jax(p)
+  tx = optax_sam.arsam(optax.sgd(LR), rho=RHO,
+                       schedule=optax_sam.recompute_every(2))
+  step = jax.jit(optax_sam.make_update(tx, jax_loss))
+  big = jnp.asarray(np.iinfo(np.int32).max, jnp.int32)
+  state = tx.init(params)
+  _, _, state = step(params, state, x, y)  # store a PSF first
+  state = state._replace(age=big, recomputes=big)
+  for recompute in (False, True):  # count 1: reuse (age), 2: recompute
+    _, u, state = step(params, state, x, y)
+    assert bool(state.recomputed) == recompute
+    assert int(state.age) == (0 if recompute else int(big))
+    assert int(state.recomputes) == int(big)
+    for leaf in jax.tree.leaves(u):
+      assert np.all(np.isfinite(np.asarray(leaf)))
+
+
 # --- Compiled cost: reuse branch ~ 1 SGD gradient, recompute ~ 2. ---
 
 DEPTH, WIDTH, BATCH = 4, 128, 64
 
 
 def _mlp():
-  keys = jax.random.split(jax.random.PRNGKey(0), DEPTH)
-  params = {f"layer{i}": {"w": jax.random.normal(k, (WIDTH, WIDTH)) / 12,
-                          "b": jnp.zeros(WIDTH)}
-            for i, k in enumerate(keys)}
-
-  def loss(p, xb, yb):
-    h = xb
-    for i in range(DEPTH):
-      h = h @ p[f"layer{i}"]["w"] + p[f"layer{i}"]["b"]
-      if i < DEPTH - 1:
-        h = jnp.tanh(h)
-    return jnp.mean(jnp.square(h - yb))
-
-  x = jnp.ones((BATCH, WIDTH))
+  params, loss, x, _ = deep_mlp(DEPTH, WIDTH, BATCH, scale=12)
   return params, loss, x
-
-
-def _flops(f, *args):
-  return jax.jit(f).lower(*args).compile().cost_analysis()["flops"]
 
 
 def case_region_dots(text):
@@ -373,13 +390,13 @@ def case_region_dots(text):
 @pytest.fixture(scope="module")
 def mlp():
   params, loss, x = _mlp()
-  return params, loss, x, _flops(jax.grad(loss), params, x, x)
+  return params, loss, x, flops(jax.grad(loss), params, x, x)
 
 
 def _ratio(mlp, tx):
   params, loss, x, sgd = mlp
   step = optax_sam.make_update(tx, loss)
-  return _flops(step, params, tx.init(params), x, x) / sgd
+  return flops(step, params, tx.init(params), x, x) / sgd
 
 
 def test_branch_flops(mlp):
@@ -410,31 +427,17 @@ def test_clean_pass_outside_the_cond_perturbed_pass_inside(mlp):
 
 # --- Data parallelism on 8 simulated devices. ---
 
-N_DEV = 8
-
-
-def _stack(a):
-  return jnp.asarray(a).reshape(-1, N_DEV, *a.shape[1:]).swapaxes(0, 1)
-
-
-def _replicate(tree):
-  return jax.tree.map(lambda a: jnp.broadcast_to(a, (N_DEV,) + a.shape), tree)
-
-
 @pytest.mark.parametrize("sync_ascent", [False, True])
 def test_pmap_replicas_identical_and_match_reference(sync_ascent):
-  if jax.device_count() < N_DEV:
-    pytest.skip("needs 8 devices")
-  p = reference.init_params(0)
-  x, y = reference.make_data(1, n=4 * N_DEV)
+  p, x, y = device_data()
   steps = 7
   tx = optax_sam.arsam(optax.sgd(LR), rho=RHO, seed=SEED, axis_name="dev",
                        sync_ascent=sync_ascent,
                        schedule=optax_sam.recompute_adaptive(**ADAPTIVE))
   train = jax.pmap(optax_sam.make_update(tx, jax_loss), axis_name="dev")
   params = to_jax(p)
-  out, st = _replicate(params), _replicate(tx.init(params))
-  xb, yb = _stack(x), _stack(y)
+  out, st = replicate(params), replicate(tx.init(params))
+  xb, yb = stack(x), stack(y)
   recs = []
   for _ in range(steps):  # one compiled step, called repeatedly
     _, u, st = train(out, st, xb, yb)
@@ -446,9 +449,9 @@ def test_pmap_replicas_identical_and_match_reference(sync_ascent):
     np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[0], leaf.shape))
   sched = reference.AdaptiveScheduleRef(_uniforms(SEED, steps), **{
       k if k != "warmup_steps" else "warmup": v for k, v in ADAPTIVE.items()})
-  shards = [(x[i::N_DEV], y[i::N_DEV]) for i in range(N_DEV)]
   want, decisions = reference.run_reuse_momentum(
-      p, lambda t: shards, steps, LR, 0.0, RHO, lambda t: sched.decide(),
+      p, lambda t: shards(x, y), steps, LR, 0.0, RHO,
+      lambda t: sched.decide(),
       reference.psf_store,
       lambda g, s, age: reference.psf_mix(g, s, age, 0.7, 6), sched.observe,
       sync_ascent=sync_ascent)
@@ -459,30 +462,14 @@ def test_pmap_replicas_identical_and_match_reference(sync_ascent):
 
 
 def test_shard_map_matches_reference():
-  if jax.device_count() < N_DEV:
-    pytest.skip("needs 8 devices")
-  p = reference.init_params(0)
-  x, y = reference.make_data(1, n=4 * N_DEV)
-  mesh = Mesh(np.array(jax.devices()[:N_DEV]), ("dev",))
+  p, x, y = device_data()
   tx = optax_sam.arsam(optax.sgd(LR), rho=RHO, axis_name="dev",
                        schedule=optax_sam.recompute_every(2))
-  step = optax_sam.make_update(tx, jax_loss)
-
-  @jax.jit
-  @functools.partial(jax.shard_map, mesh=mesh,
-                     in_specs=(P(), P(), P("dev"), P("dev")),
-                     out_specs=P())
-  def train(q, st, xb, yb):
-    for _ in range(3):
-      _, u, st = step(q, st, xb[0], yb[0])
-      q = optax.apply_updates(q, u)
-    return q
-
+  train = shard_map_train(optax_sam.make_update(tx, jax_loss), steps=3)
   params = to_jax(p)
-  out = train(params, tx.init(params), _stack(x), _stack(y))
-  shards = [(x[i::N_DEV], y[i::N_DEV]) for i in range(N_DEV)]
+  out = train(params, tx.init(params), stack(x), stack(y))
   want, _ = reference.run_reuse_momentum(
-      p, lambda t: shards, 3, LR, 0.0, RHO, lambda t: t % 2 == 0,
+      p, lambda t: shards(x, y), 3, LR, 0.0, RHO, lambda t: t % 2 == 0,
       reference.psf_store,
       lambda g, s, age: reference.psf_mix(g, s, age, 0.7, 6))
   assert_trees_close(out, want[-1], rtol=2e-5, atol=2e-6)

@@ -1,15 +1,10 @@
 """The benchmark harness end to end on the ``tiny`` preset (numbers unused)."""
 
 import json
-import os
-import sys
 
 import numpy as np
 import optax
 import pytest
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__))))
 
 pytest.importorskip("flax")
 pytest.importorskip("sklearn")

@@ -63,6 +63,44 @@ def test_inject_hyperparams_rho_and_learning_rate():
   np.testing.assert_allclose(state.hyperparams["rho"], 0.1, rtol=1e-6)
 
 
+@pytest.mark.parametrize("factory, kwargs", [
+    (optax_sam.sam, {}),
+    (optax_sam.asam, {"eta": 0.02}),
+    (optax_sam.layerwise_sam, {"num_layers": 1, "interval": 1, "ema": 0.5,
+                               "alpha": 0.5}),
+    (optax_sam.selective_sam, {"policy": optax_sam.top_k(1)}),
+    (optax_sam.selective_sam, {"policy": optax_sam.random_k(1), "seed": 2,
+                               "restrict_descent": True}),
+    (optax_sam.arsam, {"decay": 0.5}),
+    (optax_sam.looksam, {"k": 2, "alpha": 0.5}),
+], ids=["sam", "asam", "layerwise_sam", "selective_sam",
+        "selective_sam_random_k", "arsam", "looksam"])
+def test_every_factory_works_under_inject_hyperparams(factory, kwargs):
+  # No static_args: integer and checked arguments arrive as (traced) arrays.
+  p, x, y = setup()
+  params = to_jax(p)
+  injected = optax.inject_hyperparams(factory)(optax.sgd(0.1), rho=0.05,
+                                               **kwargs)
+  got, state = _c2_steps(injected, params, x, y, steps=2)
+  want, _ = _c2_steps(factory(optax.sgd(0.1), rho=0.05, **kwargs), params,
+                      x, y, steps=2)
+  assert_trees_close(got, want, rtol=1e-6, atol=1e-7)
+  assert "rho" in state.hyperparams
+
+
+def test_inject_hyperparams_still_checks_arguments_at_init():
+  params = to_jax(setup()[0])
+  for factory, kwargs, match in [
+      (optax_sam.layerwise_sam, {"num_layers": 0}, "num_layers"),
+      (optax_sam.layerwise_sam, {"alpha": 1.5}, "alpha"),
+      (optax_sam.asam, {"eta": -1.0}, "eta"),
+      (optax_sam.looksam, {"k": 0}, "k must"),
+      (optax_sam.sam, {"rho": -0.1}, "rho")]:
+    tx = optax.inject_hyperparams(factory)(optax.sgd(0.1), **kwargs)
+    with pytest.raises(ValueError, match=match):
+      tx.init(params)
+
+
 def test_multisteps_as_base_accumulates_sam_gradients():
   p, x, y = setup()
   params = to_jax(p)
@@ -127,6 +165,44 @@ def test_bad_rho_raises_at_construction(factory, rho):
     factory(optax.sgd(0.1), rho=rho)
 
 
+@pytest.mark.parametrize("rho", [float("inf"), float("-inf"), float("nan"),
+                                 np.float32("inf"), jnp.asarray(jnp.nan)])
+@pytest.mark.parametrize("factory", [
+    optax_sam.sam, optax_sam.asam, optax_sam.layerwise_sam, optax_sam.arsam,
+    optax_sam.looksam,
+    lambda opt, rho: optax_sam.selective_sam(opt, optax_sam.top_k(1),
+                                             rho=rho),
+], ids=["sam", "asam", "layerwise_sam", "arsam", "looksam", "selective_sam"])
+def test_non_finite_rho_raises_at_construction(factory, rho):
+  with pytest.raises(ValueError, match="rho must be > 0 and finite"):
+    factory(optax.sgd(0.1), rho=rho)
+
+
+def test_schedule_radius_that_is_not_finite_or_negative_means_no_ascent():
+  p, x, y = setup()
+  params = to_jax(p)
+  radii = jnp.asarray([jnp.nan, jnp.inf, -0.1, 0.05])
+  tx = optax_sam.sam(optax.sgd(0.1), rho=lambda count: radii[count])
+  got, _ = _c2_steps(tx, params, x, y, steps=4)
+  q = p
+  for rho in (0.0, 0.0, 0.0, 0.05):  # the bad radii give SGD steps
+    g = (reference.loss_and_grad(q, x, y)[1] if rho == 0.0 else
+         reference.sam_gradient(q, [(x, y)], rho))
+    q = reference.tmap(lambda a, b: a - 0.1 * b, q, g)
+  assert_trees_close(got, q)
+
+
+def test_injected_rho_set_to_nan_at_run_time_means_no_ascent():
+  p, x, y = setup()
+  params = to_jax(p)
+  tx = optax.inject_hyperparams(optax_sam.sam)(optax.sgd(0.1), rho=0.05)
+  state = tx.init(params)
+  state.hyperparams["rho"] = jnp.asarray(jnp.nan)
+  _, u, _ = jax.jit(optax_sam.make_update(tx, jax_loss))(params, state, x, y)
+  g = reference.loss_and_grad(p, x, y)[1]
+  assert_trees_close(u, reference.tmap(lambda b: -0.1 * b, g))
+
+
 def test_mismatched_perturb_mask_raises():
   params = to_jax(setup()[0])
   tx = optax_sam.sam(optax.sgd(0.1), perturb={"out": True})
@@ -171,6 +247,40 @@ def test_bad_loss_fn_and_plain_optimizer_in_make_update():
   tx = optax.sgd(0.1)
   with pytest.raises(TypeError, match="optax_sam.plain"):
     optax_sam.make_update(tx, jax_loss)(params, tx.init(params), 0, 0)
+
+
+def _int_params():
+  return jax.tree.map(lambda v: v.astype(jnp.int32), to_jax(setup()[0]))
+
+
+@pytest.mark.parametrize("loss_fn, has_aux, params, error, match", [
+    (lambda q, a, b: jax_loss(q, a, b) + "oops", False, None, TypeError,
+     "unsupported operand"),
+    (lambda q, a, b: q.hidden, False, None, AttributeError,
+     "no attribute 'hidden'"),
+    (lambda q, a, b: jnp.square(q["out"]["b"]), False, None, TypeError,
+     "scalar-output"),
+    (jax_loss, True, None, TypeError, "aux output"),
+    (lambda q, a, b: (jax_loss(q, a, b), 0.0), False, None, TypeError,
+     "scalar-output"),
+    (lambda q, a, b: jnp.sum(q["out"]["w"]).astype(jnp.float32), False,
+     _int_params, TypeError, "real- or complex-valued"),
+], ids=["loss_bug", "attribute", "non_scalar", "aux_missing",
+        "aux_unexpected", "int_leaves"])
+@pytest.mark.parametrize("make_tx", [
+    lambda: optax_sam.sam(optax.sgd(0.1)),
+    lambda: optax_sam.selective_sam(optax.sgd(0.1), optax_sam.top_k(1)),
+    lambda: optax_sam.looksam(optax.sgd(0.1), k=2),
+], ids=["sam", "selective_sam", "looksam"])
+def test_errors_inside_a_pass_are_not_reported_as_undriven(
+    make_tx, loss_fn, has_aux, params, error, match):
+  p, x, y = setup()
+  params = to_jax(p) if params is None else params()
+  tx = make_tx()
+  with pytest.raises(error, match=match) as info:
+    optax_sam.make_update(tx, loss_fn, has_aux=has_aux)(
+        params, tx.init(params), x, y)
+  assert "optax_sam.plain" not in str(info.value)
 
 
 def test_sync_ascent_needs_axis_name():

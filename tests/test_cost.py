@@ -10,43 +10,22 @@ import optax
 import pytest
 
 import optax_sam
+from _util import deep_mlp, flops
 
 DEPTH, WIDTH, BATCH = 8, 128, 64
 
 
-def _mlp():
-  keys = jax.random.split(jax.random.PRNGKey(0), DEPTH)
-  params = {f"layer{i}": {"w": jax.random.normal(k, (WIDTH, WIDTH)) / 12,
-                          "b": jnp.zeros(WIDTH)}
-            for i, k in enumerate(keys)}
-
-  def loss(p, x, y):
-    h = x
-    for i in range(DEPTH):
-      h = h @ p[f"layer{i}"]["w"] + p[f"layer{i}"]["b"]
-      if i < DEPTH - 1:
-        h = jnp.tanh(h)
-    return jnp.mean(jnp.square(h - y))
-
-  x = jnp.ones((BATCH, WIDTH))
-  return params, loss, x, x
-
-
-def _flops(f, *args):
-  return jax.jit(f).lower(*args).compile().cost_analysis()["flops"]
-
-
 @pytest.fixture(scope="module")
 def mlp():
-  params, loss, x, y = _mlp()
-  sgd_grad = _flops(jax.grad(loss), params, x, y)
+  params, loss, x, y = deep_mlp(DEPTH, WIDTH, BATCH, scale=12)
+  sgd_grad = flops(jax.grad(loss), params, x, y)
   return params, loss, x, y, sgd_grad
 
 
 def _step_ratio(mlp, tx):
   params, loss, x, y, sgd_grad = mlp
   step = optax_sam.make_update(tx, loss)
-  return _flops(step, params, tx.init(params), x, y) / sgd_grad
+  return flops(step, params, tx.init(params), x, y) / sgd_grad
 
 
 def test_plain_step_costs_one_gradient(mlp):
@@ -87,7 +66,7 @@ def test_c1_inside_jit_is_pruned_too(mlp):
     g = jax.grad(loss)(p, xb, yb)
     return tx.update(g, st, p, grad_fn=lambda q, i: jax.grad(loss)(q, xb, yb))
 
-  assert _flops(c1, params, tx.init(params), x, y) / sgd_grad <= 1.15
+  assert flops(c1, params, tx.init(params), x, y) / sgd_grad <= 1.15
 
 
 def test_masking_a_full_gradient_saves_nothing(mlp):
@@ -102,4 +81,4 @@ def test_masking_a_full_gradient_saves_nothing(mlp):
     eps = jax.tree.map(lambda a: 0.05 * a / optax.tree.norm(g), g)
     return jax.grad(loss)(jax.tree.map(jnp.add, p, eps), xb, yb)
 
-  assert _flops(masked_sam, params, x, y) / sgd_grad > 1.9
+  assert flops(masked_sam, params, x, y) / sgd_grad > 1.9

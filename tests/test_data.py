@@ -1,16 +1,12 @@
 """Offline data loaders of the benchmarks."""
 
 import os
-import sys
 
 import jax
 import numpy as np
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(
-    __file__))))
-
-from benchmarks import data  # noqa: E402  pylint: disable=g-import-not-at-top
+from benchmarks import data
 
 
 def test_idx_round_trip(tmp_path):

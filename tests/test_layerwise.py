@@ -1,57 +1,30 @@
 """Layer-wise adaptive gradient-norm penalizing (layerwise_sam / lagnp)."""
 
+import re
+
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 import optax_sam
 import reference
-from _util import assert_trees_close, jax_loss, setup, to_jax, deep_mlp, make_step
+from optax_sam._src import layerwise, selective
+from _util import (assert_trees_close, deep_mlp, flops, jax_loss, run_steps,
+                   setup, to_jax)
 
 LR, MOM, RHO = 0.1, 0.9, 0.05
 LAYERS = ("hidden", "out")
 
 
-def _np_layerwise(p, x, y, steps, k, interval, alpha):
-  """Independent reference: top-k layers by the norm of the applied
-  gradient, re-selected after every ``interval`` steps; SAM on those."""
-  p = reference.tmap(lambda a: a.astype(np.float64), p)
-  trace = reference.tmap(np.zeros_like, p)
-  selected = LAYERS[len(LAYERS) - k:]
-  out, sels = [], []
-  for t in range(steps):
-    sels.append(tuple(selected))
-    _, g = reference.loss_and_grad(p, x, y)
-    eps = reference.sam_eps(g, RHO, layers=selected)
-    _, g_adv = reference.loss_and_grad(reference.tmap(np.add, p, eps), x, y)
-    final = {n: {m: ((1 - alpha) * g[n][m] + alpha * g_adv[n][m]
-                     if n in selected else g_adv[n][m]) for m in g[n]}
-             for n in g}
-    if (t + 1) % interval == 0:
-      norms = [np.sqrt(sum(np.sum(v ** 2) for v in final[n].values()))
-               for n in LAYERS]
-      best = sorted(range(len(LAYERS)), key=lambda i: (norms[i], i))
-      selected = tuple(LAYERS[i] for i in sorted(best[len(LAYERS) - k:]))
-    trace = reference.tmap(lambda gg, tr: gg + MOM * tr, final, trace)
-    p = reference.tmap(lambda a, tr: a - LR * tr, p, trace)
-    out.append(p)
-  return out, sels
-
-
 def _run(tx, p, x, y, steps, path="c2", jit=True):
-  params, state = to_jax(p), tx.init(to_jax(p))
-  step = make_step(tx, path, jit)
-  out, sels = [], []
-  for _ in range(steps):
-    _, u, state = step(params, state, x, y)
-    params = optax.apply_updates(params, u)
-    out.append(params)
-    sels.append(tuple(n for n, f in zip(LAYERS,
-                                        np.asarray(state.last_selection))
-                      if f))
-  return out, sels, state
+  """Params after each step, the names of the layers each step perturbed,
+  and the last state."""
+  out, states = run_steps(tx, to_jax(p), lambda s: [(x, y)], path, steps,
+                          jit)
+  sels = [tuple(n for n, f in zip(LAYERS, np.asarray(s.last_selection)) if f)
+          for s in states]
+  return out, sels, states[-1]
 
 
 @pytest.mark.parametrize("alpha, interval, path, jit", [
@@ -62,7 +35,8 @@ def test_matches_numpy_reference(alpha, interval, path, jit):
   tx = optax_sam.layerwise_sam(optax.sgd(LR, momentum=MOM), rho=RHO,
                                num_layers=1, interval=interval, alpha=alpha)
   got, sels, _ = _run(tx, p, x, y, 7, path, jit)
-  want, want_sels = _np_layerwise(p, x, y, 7, 1, interval, alpha)
+  want, want_sels = reference.run_top_k_momentum(
+      p, x, y, 7, LR, MOM, RHO, 1, interval=interval, alpha=alpha)
   assert sels == want_sels
   assert len(set(want_sels)) > 1, "the selection should change"
   for a, b in zip(got, want):
@@ -99,17 +73,16 @@ def test_output_side_selection_costs_about_one_sgd_step():
   depth, width = 8, 64
   params, loss, x, _ = deep_mlp(depth, width, 64, 8)
 
-  def flops(tx, **kw):
+  def step_flops(tx, **kw):
     fn = optax_sam.make_update(tx, loss)
-    ca = jax.jit(lambda p, s, a, b: fn(p, s, a, b, **kw)).lower(
-        params, tx.init(params), x, x).compile().cost_analysis()
-    return (ca[0] if isinstance(ca, (list, tuple)) else ca)["flops"]
+    return flops(lambda p, s, a, b: fn(p, s, a, b, **kw), params,
+                 tx.init(params), x, x)
 
-  sgd = flops(optax_sam.plain(optax.sgd(0.1)))
-  sam = flops(optax_sam.sam(optax.sgd(0.1)))
+  sgd = step_flops(optax_sam.plain(optax.sgd(0.1)))
+  sam = step_flops(optax_sam.sam(optax.sgd(0.1)))
   lw = optax_sam.layerwise_sam(optax.sgd(0.1), num_layers=1,
                                executor="specialize")
-  last = flops(lw, static_selection=(False,) * (depth - 1) + (True,))
+  last = step_flops(lw, static_selection=(False,) * (depth - 1) + (True,))
   assert last < 1.2 * sgd
   assert sam > 1.9 * sgd
 
@@ -126,3 +99,12 @@ def test_too_many_layers_errors_at_init():
   tx = optax_sam.layerwise_sam(optax.sgd(0.1), num_layers=3)
   with pytest.raises(ValueError, match="k must be"):
     tx.init(to_jax(setup(0)[0]))
+
+
+def test_the_kdd_paper_is_cited_with_one_year():
+  years = set()
+  for module in (layerwise, selective):
+    found = re.findall(r"2503\.14205>`_, KDD (\d{4})", module.__doc__)
+    assert found, module.__name__
+    years.update(found)
+  assert years == {"2024"}

@@ -8,32 +8,17 @@ import pytest
 
 import optax_sam
 import reference
-from _util import assert_trees_close, jax_loss, setup, to_jax, to_np, make_step
+from _util import (assert_trees_close, deep_mlp, device_data, flops,
+                   jax_loss, replicate, rolling_batches, run_steps, setup,
+                   shards, stack, to_jax, to_np)
 
 LR, MOM, RHO = 0.1, 0.9, 0.05
-
-
-def _batches(x, y):
-  return lambda s: [(np.roll(x, 3 * s, axis=0), np.roll(y, 3 * s, axis=0))]
-
-
-def _run(tx, params, x, y, path, steps, jit=True):
-  state = tx.init(params)
-  step = make_step(tx, path, jit)
-  out, states = [], []
-  for s in range(steps):
-    xb, yb = _batches(x, y)(s)[0]
-    _, u, state = step(params, state, jnp.asarray(xb), jnp.asarray(yb))
-    params = optax.apply_updates(params, u)
-    out.append(params)
-    states.append(state)
-  return out, states
 
 
 def _reference(p, x, y, steps, k, alpha, groups=None, batches=None,
                momentum=MOM, sync_ascent=False):
   return reference.run_reuse_momentum(
-      p, batches or _batches(x, y), steps, LR, momentum, RHO,
+      p, batches or rolling_batches(x, y), steps, LR, momentum, RHO,
       lambda t: t % k == 0,
       lambda g, gs: reference.looksam_store(g, gs, groups),
       lambda g, gv, age: reference.looksam_mix(g, gv, alpha, groups),
@@ -47,7 +32,8 @@ def test_looksam_matches_numpy_reference(path, jit, steps):
   p, x, y = setup()
   tx = optax_sam.looksam(optax.sgd(LR, momentum=MOM), rho=RHO, k=3,
                          alpha=0.7)
-  got, states = _run(tx, to_jax(p), x, y, path, steps, jit)
+  got, states = run_steps(tx, to_jax(p), rolling_batches(x, y), path, steps,
+                          jit)
   want, decisions = _reference(p, x, y, steps, 3, 0.7)
   assert [bool(s.recomputed) for s in states] == decisions
   assert int(states[-1].recomputes) == sum(decisions)
@@ -59,7 +45,7 @@ def test_per_layer_variant_matches_reference():
   p, x, y = setup(4)
   tx = optax_sam.looksam(optax.sgd(LR, momentum=MOM), rho=RHO, k=2,
                          alpha=1.3, per_layer=True)
-  got, _ = _run(tx, to_jax(p), x, y, "c2", 5)
+  got, _ = run_steps(tx, to_jax(p), rolling_batches(x, y), "c2", 5)
   want, _ = _reference(p, x, y, 5, 2, 1.3, groups=[("hidden",), ("out",)])
   for g, w in zip(got, want):
     assert_trees_close(g, w, rtol=2e-5, atol=2e-6)
@@ -84,10 +70,12 @@ def test_stored_component_is_orthogonal_to_the_gradient():
 def test_k1_is_sam(path):
   p, x, y = setup()
   params = to_jax(p)
-  sam, _ = _run(optax_sam.sam(optax.sgd(LR, momentum=MOM), rho=RHO),
-                params, x, y, path, 3)
-  look, states = _run(optax_sam.looksam(optax.sgd(LR, momentum=MOM),
-                                        rho=RHO, k=1), params, x, y, path, 3)
+  batches = rolling_batches(x, y)
+  sam, _ = run_steps(optax_sam.sam(optax.sgd(LR, momentum=MOM), rho=RHO),
+                     params, batches, path, 3)
+  look, states = run_steps(optax_sam.looksam(optax.sgd(LR, momentum=MOM),
+                                             rho=RHO, k=1),
+                           params, batches, path, 3)
   assert all(bool(s.recomputed) for s in states)
   for a, b in zip(look, sam):
     assert_trees_close(a, b, rtol=1e-6, atol=1e-7)
@@ -132,21 +120,7 @@ def test_bad_rho_and_alpha_raise():
 
 
 def test_compiled_flops_per_branch():
-  depth, width, batch = 4, 128, 64
-  keys = jax.random.split(jax.random.PRNGKey(1), depth)
-  params = {f"l{i}": {"w": jax.random.normal(kk, (width, width)) / 12,
-                      "b": jnp.zeros(width)} for i, kk in enumerate(keys)}
-
-  def loss(q, xb, yb):
-    h = xb
-    for i in range(depth):
-      h = h @ q[f"l{i}"]["w"] + q[f"l{i}"]["b"]
-      h = jnp.tanh(h) if i < depth - 1 else h
-    return jnp.mean(jnp.square(h - yb))
-
-  x = jnp.ones((batch, width))
-  flops = lambda f, *a: jax.jit(f).lower(*a).compile().cost_analysis()[
-      "flops"]
+  params, loss, x, _ = deep_mlp(4, 128, 64, scale=12, seed=1)
   sgd = flops(jax.grad(loss), params, x, x)
 
   def ratio(tx):
@@ -164,29 +138,27 @@ def test_compiled_flops_per_branch():
   assert 1.95 < dynamic < 2.1  # the costlier branch, clean pass shared
 
 
-N_DEV = 8
-
-
 def test_pmap_replicas_identical_and_match_reference():
-  if jax.device_count() < N_DEV:
-    pytest.skip("needs 8 devices")
-  p = reference.init_params(0)
-  x, y = reference.make_data(1, n=4 * N_DEV)
-  stack = lambda a: jnp.asarray(a).reshape(-1, N_DEV, *a.shape[1:]).swapaxes(
-      0, 1)
-  rep = lambda t: jax.tree.map(
-      lambda a: jnp.broadcast_to(a, (N_DEV,) + a.shape), t)
+  p, x, y = device_data()
   tx = optax_sam.looksam(optax.sgd(LR), rho=RHO, k=2, axis_name="dev")
   train = jax.pmap(optax_sam.make_update(tx, jax_loss), axis_name="dev")
   params = to_jax(p)
-  q, st = rep(params), rep(tx.init(params))
+  q, st = replicate(params), replicate(tx.init(params))
   for _ in range(3):
     _, u, st = train(q, st, stack(x), stack(y))
     q = optax.apply_updates(q, u)
   for leaf in jax.tree.leaves((q, st)):
     np.testing.assert_array_equal(leaf, np.broadcast_to(leaf[0], leaf.shape))
-  shards = [(x[i::N_DEV], y[i::N_DEV]) for i in range(N_DEV)]
-  want, _ = _reference(p, x, y, 3, 2, 0.7, batches=lambda t: shards,
+  want, _ = _reference(p, x, y, 3, 2, 0.7, batches=lambda t: shards(x, y),
                        momentum=0.0)
   assert_trees_close(jax.tree.map(lambda a: a[0], q), want[-1], rtol=2e-5,
                      atol=2e-6)
+
+
+def test_docstrings_do_not_credit_per_tensor_projection_to_the_authors():
+  # No official LookSAM code exists: the per-group option is the library's.
+  for fn in (optax_sam.looksam, optax_sam.orthogonal_mixer):
+    doc = " ".join(fn.__doc__.split())
+    assert "authors' code" not in doc
+    assert "no official looksam code was released" in doc.lower()
+    assert "not the paper's" in doc

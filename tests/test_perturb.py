@@ -111,3 +111,18 @@ def test_safe_norm_of_tiny_constant_under_jit():
   from optax_sam._src.perturb import safe_norm  # pylint: disable=g-import-not-at-top
   value = jax.jit(lambda: safe_norm({"a": jnp.full((3,), 1e-30)}))()
   assert float(value) == pytest.approx(3 ** 0.5 * 1e-30, rel=1e-5)
+
+
+@pytest.mark.parametrize("bad, want", [(np.nan, np.nan), (np.inf, np.inf),
+                                       (-np.inf, np.inf)])
+@pytest.mark.parametrize("jit", [False, True])
+def test_safe_norm_of_a_non_finite_tree_is_not_finite(bad, want, jit):
+  g = _tree()
+  g["c"]["w"][1, 0] = bad
+  norm = (jax.jit(optax_sam.safe_norm) if jit else optax_sam.safe_norm)(g)
+  np.testing.assert_equal(float(norm), want)
+  # Zero and tiny trees stay finite (exactly 0 for zeros).
+  zeros = jax.tree.map(np.zeros_like, g)
+  assert float(optax_sam.safe_norm(zeros)) == 0.0
+  tiny = jax.tree.map(lambda x: np.full_like(x, 1e-30), g)
+  assert np.isfinite(float(optax_sam.safe_norm(tiny)))

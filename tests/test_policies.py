@@ -181,3 +181,62 @@ def test_bad_arguments(make, match):
 def test_top_k_larger_than_groups():
   with pytest.raises(ValueError, match="k must be"):
     optax_sam.top_k(3).init(2, None)
+
+
+@pytest.mark.parametrize("make", [
+    lambda **kw: optax_sam.bandit(0.3, eta=0.5, **kw),
+    lambda **kw: optax_sam.random_k(2, **kw),
+], ids=["bandit", "random_k"])
+def test_typed_and_raw_keys_give_the_same_draws(make):
+  inits = {
+      "seed": lambda: make(seed=7).init(6),
+      "raw_seed": lambda: make(seed=jax.random.PRNGKey(7)).init(6),
+      "typed_seed": lambda: make(seed=jax.random.key(7)).init(6),
+      "raw_key": lambda: make().init(6, jax.random.PRNGKey(7)),
+      "typed_key": lambda: make().init(6, jax.random.key(7)),
+  }
+  upd = jax.jit(make().update)
+  runs = {}
+  for name, init in inits.items():
+    s = init()
+    assert jax.dtypes.issubdtype(s.key.dtype, jax.dtypes.prng_key) == (
+        name.startswith("typed"))
+    sels = [_sel(s)]
+    for t in range(5):
+      s = upd(s, _stats(np.arange(6.0) + t))
+      sels.append(_sel(s))
+    runs[name] = sels
+  assert len({str(r) for r in runs.values()}) == 1, runs
+
+
+INT32_MAX = int(np.iinfo(np.int32).max)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: optax_sam.fixed([0]), lambda: optax_sam.top_k(1),
+    lambda: optax_sam.reselect_every(optax_sam.top_k(1), 2),
+    lambda: optax_sam.random_k(1), lambda: optax_sam.bandit(0.5),
+], ids=["fixed", "top_k", "reselect_every", "random_k", "bandit"])
+def test_policy_counter_saturates_instead_of_wrapping(make):
+  pol = make()
+  s = pol.init(3, jax.random.PRNGKey(0))
+  s = s._replace(count=jnp.asarray(INT32_MAX, jnp.int32))
+  s = jax.jit(pol.update)(s, _stats([1.0, 4.0, 9.0]))
+  assert int(s.count) == INT32_MAX
+  assert sum(_sel(s)) >= 1
+
+
+@pytest.mark.parametrize("schedule", [
+    optax_sam.recompute_every(2), optax_sam.recompute_with_probability(0.5),
+    optax_sam.recompute_adaptive(window=4, blocks=2, warmup_steps=0)],
+    ids=["every", "probability", "adaptive"])
+def test_schedule_counters_saturate_instead_of_wrapping(schedule):
+  state = schedule.init(jax.random.PRNGKey(0))
+  big = jnp.asarray(INT32_MAX, jnp.int32)
+  fields = {f: big for f in ("count", "observed", "done")
+            if hasattr(state, f)}
+  state = state._replace(**fields)
+  stats = optax_sam.ReuseStats(jnp.float32(1.0), jnp.float32(2.0))
+  state = jax.jit(schedule.update)(state, jnp.asarray(True), stats)
+  for f in fields:
+    assert int(getattr(state, f)) == INT32_MAX, f

@@ -9,27 +9,15 @@ import pytest
 
 import optax_sam
 import reference
-from _util import assert_trees_close, jax_loss, setup, to_jax, to_np, make_step
+from _util import (assert_trees_close, jax_loss, rolling_batches, run_steps,
+                   setup, to_jax)
 
 LR, MOM, STEPS = 0.1, 0.9, 4
 
 
-def _batches(x, y):
-  # A different minibatch each step: rotate the rows.
-  return lambda s: [(np.roll(x, 3 * s, axis=0), np.roll(y, 3 * s, axis=0))]
-
-
 def _run(tx, params, x, y, path, jit=True):
-  """Runs STEPS steps of ``tx`` via C1 or C2 and returns params after each."""
-  state = tx.init(params)
-  step = make_step(tx, path, jit)
-  out = []
-  for s in range(STEPS):
-    xb, yb = _batches(x, y)(s)[0]
-    _, u, state = step(params, state, jnp.asarray(xb), jnp.asarray(yb))
-    params = optax.apply_updates(params, u)
-    out.append(params)
-  return out
+  """The params after each of STEPS steps of ``tx`` via C1 or C2."""
+  return run_steps(tx, params, rolling_batches(x, y), path, STEPS, jit)[0]
 
 
 @pytest.mark.parametrize("path", ["c1", "c2"])
@@ -38,7 +26,8 @@ def test_sam_matches_numpy_reference(path, jit):
   p, x, y = setup()
   tx = optax_sam.sam(optax.sgd(LR, momentum=MOM), rho=0.05)
   got = _run(tx, to_jax(p), x, y, path, jit)
-  want = reference.run_sam_momentum(p, _batches(x, y), STEPS, LR, MOM, 0.05)
+  want = reference.run_sam_momentum(p, rolling_batches(x, y), STEPS, LR, MOM,
+                                    0.05)
   for g, w in zip(got, want):
     assert_trees_close(g, w)
 
@@ -48,8 +37,8 @@ def test_asam_matches_numpy_reference(path):
   p, x, y = setup()
   tx = optax_sam.asam(optax.sgd(LR, momentum=MOM), rho=0.5, eta=0.01)
   got = _run(tx, to_jax(p), x, y, path)
-  want = reference.run_sam_momentum(p, _batches(x, y), STEPS, LR, MOM, 0.5,
-                                    asam_eta=0.01)
+  want = reference.run_sam_momentum(p, rolling_batches(x, y), STEPS, LR, MOM,
+                                    0.5, asam_eta=0.01)
   for g, w in zip(got, want):
     assert_trees_close(g, w)
 
@@ -62,8 +51,8 @@ def test_partial_perturbation_matches_reference(path, layers):
   mask = optax_sam.layer_groups(params).mask(layers)
   tx = optax_sam.sam(optax.sgd(LR, momentum=MOM), rho=0.1, perturb=mask)
   got = _run(tx, params, x, y, path)
-  want = reference.run_sam_momentum(p, _batches(x, y), STEPS, LR, MOM, 0.1,
-                                    layers=layers)
+  want = reference.run_sam_momentum(p, rolling_batches(x, y), STEPS, LR, MOM,
+                                    0.1, layers=layers)
   for g, w in zip(got, want):
     assert_trees_close(g, w)
 
@@ -74,8 +63,8 @@ def test_perturb_as_callable_and_per_layer_normalization():
   tx = optax_sam.sam(optax.sgd(LR, momentum=MOM), rho=0.1, per_layer=True,
                      perturb=lambda ps: jax.tree.map(lambda _: True, ps))
   got = _run(tx, params, x, y, "c2")
-  want = reference.run_sam_momentum(p, _batches(x, y), STEPS, LR, MOM, 0.1,
-                                    per_layer=True)
+  want = reference.run_sam_momentum(p, rolling_batches(x, y), STEPS, LR, MOM,
+                                    0.1, per_layer=True)
   for g, w in zip(got, want):
     assert_trees_close(g, w)
 
@@ -101,7 +90,7 @@ def test_matches_optax_contrib_sam_opaque(path):
   got = _run(optax_sam.sam(optax.sgd(LR, momentum=MOM), rho=rho),
              params, x, y, path)
   for s in range(STEPS):
-    xb, yb = (jnp.asarray(a) for a in _batches(x, y)(s)[0])
+    xb, yb = (jnp.asarray(a) for a in rolling_batches(x, y)(s)[0])
     u, ref_state = ref_step(ref_params, ref_state, xb, yb)
     ref_params = optax.apply_updates(ref_params, u)
     assert_trees_close(got[s], ref_params, rtol=1e-5, atol=1e-7)

@@ -19,44 +19,19 @@ import pytest
 
 import optax_sam
 import reference
-from _util import assert_trees_close, jax_loss, setup, to_jax, deep_mlp, make_step
+from _util import (assert_trees_close, deep_mlp, flops, jax_loss, run_steps,
+                   setup, to_jax)
 
 LR, MOM, RHO = 0.1, 0.9, 0.05
 LAYERS = ("hidden", "out")
 
 
-def _np_selective(p, x, y, steps, k, restrict_descent):
-  """Top-k by the last descent gradient's layer norms; initial: last k."""
-  p = reference.tmap(lambda a: a.astype(np.float64), p)
-  trace = reference.tmap(np.zeros_like, p)
-  selected = LAYERS[len(LAYERS) - k:]
-  out, sels = [], []
-  for _ in range(steps):
-    sels.append(tuple(selected))
-    g = reference.sam_gradient(p, [(x, y)], RHO, layers=selected)
-    if restrict_descent:
-      g = {name: {n: (v if name in selected else np.zeros_like(v))
-                  for n, v in g[name].items()} for name in g}
-    norms = [np.sqrt(sum(np.sum(v ** 2) for v in g[n].values()))
-             for n in LAYERS]
-    order = sorted(range(len(LAYERS)), key=lambda i: (norms[i], i))
-    selected = tuple(LAYERS[i] for i in sorted(order[len(LAYERS) - k:]))
-    trace = reference.tmap(lambda gg, t: gg + MOM * t, g, trace)
-    p = reference.tmap(lambda a, t: a - LR * t, p, trace)
-    out.append(p)
-  return out, sels
-
-
 def _run(tx, p, x, y, steps, path, jit):
-  params, state = to_jax(p), tx.init(to_jax(p))
-  step = make_step(tx, path, jit)
-  out, sels = [], []
-  for _ in range(steps):
-    _, u, state = step(params, state, x, y)
-    params = optax.apply_updates(params, u)
-    out.append(params)
-    sels.append(np.asarray(state.last_selection))
-  return out, sels, state
+  """Params after each step, the selection each step used, the last
+  state."""
+  out, states = run_steps(tx, to_jax(p), lambda s: [(x, y)], path, steps,
+                          jit)
+  return out, [np.asarray(s.last_selection) for s in states], states[-1]
 
 
 @pytest.mark.parametrize("executor, restrict_descent, path, jit", [
@@ -69,7 +44,8 @@ def test_matches_numpy_reference(executor, restrict_descent, path, jit):
       optax.sgd(LR, momentum=MOM), optax_sam.top_k(1), rho=RHO,
       executor=executor, restrict_descent=restrict_descent)
   got, sels, _ = _run(tx, p, x, y, 6, path, jit)
-  want, want_sels = _np_selective(p, x, y, 6, 1, restrict_descent)
+  want, want_sels = reference.run_top_k_momentum(
+      p, x, y, 6, LR, MOM, RHO, 1, restrict_descent=restrict_descent)
   names = [tuple(n for n, f in zip(LAYERS, s) if f) for s in sels]
   assert names == want_sels
   if not restrict_descent:  # (restricted: unobserved layers keep no score)
@@ -140,6 +116,49 @@ def test_executors_equal_dense(policy, restrict_descent):
     assert_trees_close(got, ref, rtol=1e-6, atol=1e-7)
 
 
+def _selections(policy, steps=8, **kwargs):
+  """Selections of selective_sam on the 2-layer MLP, and the last state."""
+  p, x, y = setup(0)
+  tx = optax_sam.selective_sam(optax.sgd(LR), policy, executor="dense",
+                               **kwargs)
+  _, sels, state = _run(tx, p, x, y, steps, "c2", True)
+  return [s.astype(int).tolist() for s in sels], state
+
+
+SEEDED = {
+    "bandit": lambda **kw: optax_sam.bandit(0.5, eta=1.0, **kw),
+    "random_k": lambda **kw: optax_sam.random_k(1, **kw),
+}
+
+
+@pytest.mark.parametrize("policy", sorted(SEEDED))
+def test_seed_may_be_a_typed_or_raw_key(policy):
+  ref, _ = _selections(SEEDED[policy](), seed=3)
+  for seed in (jax.random.PRNGKey(3), jax.random.key(3)):
+    sels, state = _selections(SEEDED[policy](), seed=seed)
+    assert sels == ref
+  assert jax.dtypes.issubdtype(state.policy.key.dtype, jax.dtypes.prng_key)
+
+
+@pytest.mark.parametrize("policy", sorted(SEEDED))
+def test_the_policy_seed_is_the_one_used(policy):
+  make = SEEDED[policy]
+  # The policy's own seed drives it (it was silently replaced by 0).
+  by_policy, _ = _selections(make(seed=5))
+  by_engine, _ = _selections(make(), seed=5)
+  other, _ = _selections(make(seed=6))
+  assert by_policy == by_engine
+  assert by_policy != other
+  # Both given: the same seed is fine, two different ones raise.
+  same, _ = _selections(make(seed=5), seed=jax.random.key(5))
+  assert same == by_policy
+  with pytest.raises(ValueError, match="one place"):
+    optax_sam.selective_sam(optax.sgd(0.1), make(seed=5), seed=6)
+  # Held by reselect_every, the seed is still the policy's.
+  held, _ = _selections(optax_sam.reselect_every(make(seed=5), 1))
+  assert held == by_policy
+
+
 def test_no_recompilation_under_switch_and_branch_counts():
   _, sels, state, step = _train("switch", POLICIES["random2"](), False, 12)
   assert step._cache_size() == 1  # pylint: disable=protected-access
@@ -151,6 +170,19 @@ def test_no_recompilation_under_switch_and_branch_counts():
   np.testing.assert_array_equal(np.bincount(lowest, minlength=DEPTH), counts)
   assert 0.0 < float(state.ascent_active) <= 1.0
   assert float(state.descent_active) == 1.0
+
+
+def test_branch_counts_saturate_instead_of_wrapping():
+  p, x, y = setup(0)
+  tx = optax_sam.selective_sam(optax.sgd(LR), optax_sam.top_k(1))
+  params = to_jax(p)
+  state = tx.init(params)
+  big = np.iinfo(np.int32).max
+  state = state._replace(branch_counts=jnp.full_like(state.branch_counts,
+                                                     big))
+  _, _, state = jax.jit(optax_sam.make_update(tx, jax_loss))(params, state,
+                                                             x, y)
+  assert np.asarray(state.branch_counts).tolist() == [big] * 2
 
 
 def test_specialized_step_compiles_once_per_subset():
@@ -170,11 +202,6 @@ def test_specialize_without_driver_errors():
     optax_sam.make_update(tx, loss)(params, tx.init(params), x, y)
 
 
-def _flops(fn, *args):
-  ca = jax.jit(fn).lower(*args).compile().cost_analysis()
-  return (ca[0] if isinstance(ca, (list, tuple)) else ca)["flops"]
-
-
 def test_branch_flops_match_static_subset():
   params, loss, x, y = _deep()
   groups = optax_sam.layer_groups(params)
@@ -184,13 +211,13 @@ def test_branch_flops_match_static_subset():
   update = optax_sam.make_update(tx, loss)
 
   def branch(flags):
-    return _flops(lambda p, s, a, b: update(p, s, a, b,
+    return flops(lambda p, s, a, b: update(p, s, a, b,
                                             static_selection=flags),
                   params, state, x, y)
 
   def static(names):
     st = optax_sam.sam(optax.sgd(0.1), perturb=groups.mask(names))
-    return _flops(optax_sam.make_update(st, loss), params, st.init(params),
+    return flops(optax_sam.make_update(st, loss), params, st.init(params),
                   x, y)
 
   full = branch((True,) * DEPTH)

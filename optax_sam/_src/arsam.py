@@ -28,6 +28,7 @@ from typing import Optional
 
 import optax
 
+from optax_sam._src import arguments as args_lib
 from optax_sam._src import groups as groups_lib
 from optax_sam._src import perturb as perturb_lib
 from optax_sam._src import reuse as reuse_lib
@@ -42,7 +43,7 @@ def arsam(
     horizon: Optional[int] = 6,
     perturb: groups_lib.MaskOrFn = None,
     stats_on: groups_lib.MaskOrFn = None,
-    seed: int = 0,
+    seed: args_lib.SeedOrKey = 0,
     axis_name: Optional[str] = None,
     sync_ascent: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -81,7 +82,8 @@ def arsam(
     perturb: static subset of leaves to perturb (mask or ``params -> mask``).
     stats_on: leaves whose norms drive the adaptive schedule (vSAM: the last
       few parameter tensors); default every leaf.
-    seed: seed of the sampling's PRNG key (identical on every device).
+    seed: seed of the sampling's PRNG key (identical on every device): an
+      int, a raw ``uint32`` key or a typed key.
     axis_name: mapped axis to average the gradients (and so the schedule's
       statistics) over.
     sync_ascent: also average the ascent gradient (default: m-sharpness).

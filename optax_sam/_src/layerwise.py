@@ -42,6 +42,7 @@ from typing import Any, Optional, Sequence, Union
 
 import optax
 
+from optax_sam._src import arguments as args_lib
 from optax_sam._src import executors as executors_lib
 from optax_sam._src import groups as groups_lib
 from optax_sam._src import perturb as perturb_lib
@@ -62,10 +63,8 @@ def layerwise_policy(
   Pass it to :class:`optax_sam.SpecializedStep` so the loop reads the
   selection from the device only at re-selection steps.
   """
-  if num_layers < 1:
-    raise ValueError(f"num_layers must be >= 1, got {num_layers}.")
-  if interval < 1:
-    raise ValueError(f"interval must be >= 1, got {interval}.")
+  num_layers = args_lib.check_int(num_layers, "num_layers", 1)
+  interval = args_lib.check_int(interval, "interval", 1)
   return policies_lib.reselect_every(
       policies_lib.top_k(num_layers, statistic=statistic, ema=ema,
                          initial=initial), interval)

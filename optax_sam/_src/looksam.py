@@ -53,9 +53,13 @@ def looksam(
     k: recompute interval, an integer >= 1 (paper: 5).
     alpha: weight of the reused component, >= 0 (paper: 0.7).
     per_layer: project and rescale ``g_v`` per layer group instead of over
-      all leaves (the paper writes global vectors; the authors' code works
-      per parameter tensor: ``per_layer=True, labels=lambda path:
-      "/".join(path)``). This is not Look-LayerSAM's layer-wise perturbation.
+      all leaves. The paper's Algorithm 1 writes ``g``, ``g_s`` and ``g_v``
+      as single vectors over all parameters: that is the default here. No
+      official LookSAM code was released; the per-group variant (per
+      parameter tensor with ``labels=lambda path: "/".join(path)``) is a
+      choice of this library, not the paper's, made so that each layer's
+      reused component is scaled by that layer's own gradient norm. This is
+      not Look-LayerSAM's layer-wise perturbation.
     labels: layer labels for ``per_layer`` (default: parent path).
     perturb: static subset of leaves to perturb (mask or ``params -> mask``).
     axis_name: mapped axis to average the gradients over.

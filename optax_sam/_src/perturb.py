@@ -28,35 +28,44 @@ References:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
+from optax_sam._src import arguments as args_lib
 from optax_sam._src import groups as groups_lib
 
 PyTree = Any
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
 
-def _is_concrete_number(x: Any) -> bool:
-  return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def check_rho(rho: ScalarOrSchedule, name: str = "rho") -> None:
-  """Raises ``ValueError`` for a concrete ``rho <= 0`` (or NaN)."""
-  if callable(rho):
+  """Raises ``ValueError`` for a concrete ``rho`` that is not a finite number
+  > 0. A schedule, or a traced value (``optax.inject_hyperparams`` in a
+  jitted step), is guarded at run time instead (see :func:`scale_by_rho`)."""
+  if callable(rho) or args_lib.is_traced(rho):
     return
   try:
-    value = float(rho)  # Python numbers and concrete arrays.
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    return  # A traced value (e.g. from optax.inject_hyperparams).
-  if not value > 0:
+    value = float(np.asarray(rho))  # Python numbers and concrete arrays.
+  except (TypeError, ValueError):
+    raise ValueError(f"{name} must be > 0 and finite, got {rho!r}.") from None
+  if value == 0:
     raise ValueError(
-        f"{name} must be > 0, got {value}. (A radius of 0 is the base "
-        "optimizer at twice the cost: use the base optimizer instead.)")
+        f"{name} must be > 0, got 0. (A radius of 0 is the base optimizer at "
+        "twice the cost: use the base optimizer instead.)")
+  if not (value > 0 and math.isfinite(value)):
+    raise ValueError(f"{name} must be > 0 and finite, got {value}.")
+
+
+def guard_radius(rho: jax.Array) -> jax.Array:
+  """``rho`` where it is finite and >= 0, else 0 (no perturbation)."""
+  rho = jnp.asarray(rho, jnp.float32)
+  return jnp.where(jnp.isfinite(rho) & (rho >= 0), rho, 0.0)
 
 
 def safe_norm(tree: PyTree) -> jax.Array:
@@ -64,7 +73,9 @@ def safe_norm(tree: PyTree) -> jax.Array:
 
   Computes ``m * sqrt(sum((x / m)^2))`` with ``m = max |x|`` so that neither
   very small (bf16/fp16 or 1e-30) nor very large gradients under- or
-  overflow. Returns exactly 0 for an all-zero tree.
+  overflow. Returns exactly 0 for an all-zero tree, and NaN (inf) when a
+  leaf holds a NaN (an inf), so a non-finite gradient stays visible in every
+  statistic built on this norm.
   """
   leaves = [jnp.asarray(x, jnp.float32) for x in jax.tree.leaves(tree)]
   if not leaves:
@@ -75,7 +86,8 @@ def safe_norm(tree: PyTree) -> jax.Array:
   # factor out of the sum, giving inf * 0 = NaN for constant tiny inputs.
   safe_m = jnp.where(m > 0, m, 1.0)
   sq = sum(jnp.sum(jnp.square(x / safe_m)) for x in leaves)
-  return jnp.where(m > 0, m * jnp.sqrt(sq), 0.0)
+  # m is NaN when a leaf holds a NaN (max propagates it), inf for an inf.
+  return jnp.where(jnp.isfinite(m) & (m > 0), m * jnp.sqrt(sq), m)
 
 
 def safe_inverse(norm: jax.Array) -> jax.Array:
@@ -143,10 +155,21 @@ class ScaleByRhoState(NamedTuple):
 
 
 def scale_by_rho(rho: ScalarOrSchedule) -> optax.GradientTransformation:
-  """Multiplies updates by ``rho`` (a positive constant or a schedule)."""
+  """Multiplies updates by ``rho`` (a positive constant or a schedule).
+
+  A constant must be a finite number > 0 (``ValueError`` otherwise). A value
+  known only at run time (a schedule's value, or a traced ``rho`` from
+  ``optax.inject_hyperparams``) cannot be checked then: where it is NaN,
+  infinite or negative the radius is taken as 0, i.e. no perturbation (the
+  step descends along the gradient at ``w``), instead of making the
+  parameters NaN or ascending in the opposite direction.
+  """
   check_rho(rho)
   if not callable(rho):
-    return optax.scale(rho)
+    if isinstance(rho, (int, float)):
+      return optax.scale(rho)
+    rho_value = rho
+    rho = lambda count: rho_value  # arrays: guarded like a schedule's value
 
   def init_fn(params):
     del params
@@ -154,7 +177,7 @@ def scale_by_rho(rho: ScalarOrSchedule) -> optax.GradientTransformation:
 
   def update_fn(updates, state, params=None):
     del params
-    factor = jnp.asarray(rho(state.count), jnp.float32)
+    factor = guard_radius(rho(state.count))
     return _scale_leaves(updates, factor), ScaleByRhoState(
         count=optax.safe_increment(state.count))
 
@@ -177,8 +200,7 @@ def scale_by_parameter_magnitude(
   Returns:
     An ``optax.GradientTransformation`` that needs ``params``.
   """
-  if eta < 0:
-    raise ValueError(f"eta must be >= 0, got {eta}.")
+  eta = args_lib.check_number(eta, "eta", 0.0)
 
   def init_fn(params):
     del params
@@ -212,7 +234,8 @@ def sam_perturbation(
   """SAM's ascent step ``eps = rho * g / ||g||``.
 
   Args:
-    rho: the neighbourhood radius (constant or schedule), > 0.
+    rho: the neighbourhood radius (constant or schedule), > 0 (a schedule's
+      non-finite or negative value counts as 0, see :func:`scale_by_rho`).
     per_layer: normalize each layer group separately (each selected layer's
       perturbation then has norm ``rho``) instead of over all leaves.
     labels: layer labels when ``per_layer`` is True.
@@ -239,7 +262,7 @@ def asam_perturbation(
   """ASAM's ascent step ``eps = rho * T_w^2 g / ||T_w g||``.
 
   Args:
-    rho: the neighbourhood radius (constant or schedule), > 0.
+    rho: the neighbourhood radius, as in :func:`sam_perturbation`.
     eta: ``T_w = |w| + eta``.
     adaptive_mask: leaves that get ``T_w`` (others use 1), see
       :func:`scale_by_parameter_magnitude`.

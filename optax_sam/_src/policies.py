@@ -42,6 +42,9 @@ from typing import Any, NamedTuple, Optional, Union
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+
+from optax_sam._src import arguments as args_lib
 
 
 class LayerStats(NamedTuple):
@@ -65,7 +68,8 @@ class PolicyState(NamedTuple):
   Attributes:
     selection: bool[L], the groups selected for the coming step.
     count: int32, number of ``update`` calls so far (= steps taken).
-    key: PRNG key (uint32[2]), replicated on every device.
+    key: PRNG key, replicated on every device: a raw ``uint32`` key, or a
+      typed key (``jax.random.key``) when one was given.
     score: float32[L], the policy's per-group memory (smoothed statistic,
       bandit probabilities, ...).
   """
@@ -76,18 +80,19 @@ class PolicyState(NamedTuple):
 
 
 class Policy(NamedTuple):
-  """A selection policy (see the module docstring)."""
+  """A selection policy (see the module docstring).
+
+  Attributes:
+    init: ``init(num_groups, key) -> PolicyState``.
+    update: ``update(state, stats) -> PolicyState``.
+    may_change: ``may_change(step) -> bool``, static, on the host.
+    seed: the seed (or key) the policy was built with, or None when none was
+      given; :func:`optax_sam.selective_sam` initialises the policy with it.
+  """
   init: Callable[[int, jax.Array], PolicyState]
   update: Callable[[PolicyState, LayerStats], PolicyState]
   may_change: Callable[[int], bool]
-
-
-def _key(seed_or_key: Union[int, jax.Array, None]) -> jax.Array:
-  if seed_or_key is None:
-    seed_or_key = 0
-  if isinstance(seed_or_key, (int, np.integer)):
-    return jax.random.PRNGKey(int(seed_or_key))
-  return jnp.asarray(seed_or_key, jnp.uint32)
+  seed: Optional[Any] = None
 
 
 def _as_flags(selected: Sequence[Union[int, bool]], num_groups: int
@@ -112,6 +117,8 @@ def _as_flags(selected: Sequence[Union[int, bool]], num_groups: int
 
 
 def _check_k(k: int, num_groups: int) -> None:
+  if args_lib.is_traced(k):  # e.g. from optax.inject_hyperparams
+    return
   if not 1 <= k <= num_groups:
     raise ValueError(f"k must be in [1, {num_groups}] (the number of layer "
                      f"groups), got {k}.")
@@ -128,14 +135,16 @@ def _state(flags, key, score=None) -> PolicyState:
 def top_k_mask(score: jax.Array, k: int) -> jax.Array:
   """bool[L] with True on the ``k`` largest scores (ties: deeper group wins).
 
-  Deterministic and jit-traceable; NaN scores count as the smallest.
+  Deterministic and jit-traceable, ``k`` included (it may be a traced
+  integer, e.g. from ``optax.inject_hyperparams``); NaN scores count as the
+  smallest.
   """
   n = score.shape[0]
   score = jnp.where(jnp.isnan(score), -jnp.inf, score)
   # Stable tie-break towards the output side: add a tiny rank by position.
   order = jnp.lexsort((jnp.arange(n), score))  # ascending by score, then index
-  chosen = order[n - k:]
-  return jnp.zeros(n, bool).at[chosen].set(True)
+  rank = jnp.zeros(n, jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+  return rank >= n - k
 
 
 # --------------------------------------------------------------- policies
@@ -145,11 +154,11 @@ def fixed(selected: Sequence[Union[int, bool]]) -> Policy:
   """Always the same groups (positions in depth order, or bools)."""
 
   def init(num_groups, key=None):
-    return _state(_as_flags(selected, num_groups), _key(key))
+    return _state(_as_flags(selected, num_groups), args_lib.as_key(key))
 
   def update(state, stats):
     del stats
-    return state._replace(count=state.count + 1)
+    return state._replace(count=optax.safe_increment(state.count))
 
   return Policy(init, update, lambda step: step == 0)
 
@@ -191,8 +200,8 @@ def top_k(
     A :class:`Policy` that may re-select every step; wrap it in
     :func:`reselect_every` to hold choices for N steps.
   """
-  if not 0.0 <= ema < 1.0:
-    raise ValueError(f"ema must be in [0, 1), got {ema}.")
+  k = args_lib.check_int(k, "k", 1)
+  ema = args_lib.check_number(ema, "ema", 0.0, 1.0, high_open=True)
   if statistic not in STATISTICS:
     raise ValueError(f"unknown statistic {statistic!r}; choose from "
                      f"{STATISTICS}.")
@@ -201,15 +210,15 @@ def top_k(
     _check_k(k, num_groups)
     flags = (_as_flags(initial, num_groups) if initial is not None else
              np.arange(num_groups) >= num_groups - k)
-    return _state(flags, _key(key), jnp.full(num_groups, jnp.nan))
+    return _state(flags, args_lib.as_key(key), jnp.full(num_groups, jnp.nan))
 
   def update(state, stats):
     value = _statistic(stats, statistic)
     fresh = jnp.isnan(state.score)
     smoothed = jnp.where(fresh, value, ema * state.score + (1 - ema) * value)
     score = jnp.where(stats.observed, smoothed, state.score)
-    return PolicyState(top_k_mask(score, k), state.count + 1, state.key,
-                       score)
+    return PolicyState(top_k_mask(score, k),
+                       optax.safe_increment(state.count), state.key, score)
 
   return Policy(init, update, lambda step: True)
 
@@ -220,8 +229,7 @@ def reselect_every(policy: Policy, every: int) -> Policy:
   The inner policy still sees every step's statistics (its smoothing keeps
   running); its choice is adopted only before steps ``every, 2*every, ...``.
   """
-  if every < 1:
-    raise ValueError(f"every must be >= 1, got {every}.")
+  every = args_lib.check_int(every, "every", 1)
 
   def update(state, stats):
     new = policy.update(state, stats)
@@ -230,28 +238,33 @@ def reselect_every(policy: Policy, every: int) -> Policy:
         selection=jnp.where(adopt, new.selection, state.selection))
 
   return Policy(policy.init, update,
-                lambda step: step == 0 or step % every == 0)
+                lambda step: step == 0 or step % every == 0, policy.seed)
 
 
-def random_k(k: int, seed: int = 0) -> Policy:
-  """``k`` groups drawn uniformly at random every step (a baseline)."""
+def random_k(k: int, seed: Optional[args_lib.SeedOrKey] = None) -> Policy:
+  """``k`` groups drawn uniformly at random every step (a baseline).
+
+  ``seed`` (an int, a raw or a typed key; None: 0) is used when ``init``
+  gets no key, and by :func:`optax_sam.selective_sam`.
+  """
+  k = args_lib.check_int(k, "k", 1)
 
   def draw(key, num_groups):
     perm = jax.random.permutation(key, num_groups)
-    return jnp.zeros(num_groups, bool).at[perm[:k]].set(True)
+    return jnp.zeros(num_groups, bool).at[perm].set(jnp.arange(num_groups) < k)
 
   def init(num_groups, key=None):
     _check_k(k, num_groups)
-    key = _key(seed if key is None else key)
+    key = args_lib.as_key(seed if key is None else key)
     key, sub = jax.random.split(key)
     return _state(draw(sub, num_groups), key)
 
   def update(state, stats):
     key, sub = jax.random.split(state.key)
     return state._replace(selection=draw(sub, stats.sq_norms.shape[0]),
-                          count=state.count + 1, key=key)
+                          count=optax.safe_increment(state.count), key=key)
 
-  return Policy(init, update, lambda step: True)
+  return Policy(init, update, lambda step: True, seed)
 
 
 def bandit(
@@ -260,7 +273,7 @@ def bandit(
     *,
     scale_invariant: bool = False,
     min_prob: float = 1e-3,
-    seed: int = 0,
+    seed: Optional[args_lib.SeedOrKey] = None,
 ) -> Policy:
   """EXP3-style layer sampling with importance weights (SL-SAM's rule).
 
@@ -283,15 +296,16 @@ def bandit(
     eta: bandit learning rate.
     scale_invariant: normalize rewards by their maximum (see above).
     min_prob: lower bound on every probability.
-    seed: PRNG seed when ``init`` gets no key.
+    seed: PRNG seed (an int, a raw or a typed key; None: 0) used when
+      ``init`` gets no key, and by :func:`optax_sam.selective_sam`.
 
   Returns:
     A :class:`Policy` whose selection may change every step.
   """
-  if not 0.0 < fraction <= 1.0:
-    raise ValueError(f"fraction must be in (0, 1], got {fraction}.")
-  if eta < 0:
-    raise ValueError(f"eta must be >= 0, got {eta}.")
+  fraction = args_lib.check_number(fraction, "fraction", 0.0, 1.0,
+                                   low_open=True)
+  eta = args_lib.check_number(eta, "eta", 0.0)
+  min_prob = args_lib.check_number(min_prob, "min_prob", 0.0, 1.0)
 
   def draw(key, probs):
     def body(carry):
@@ -320,7 +334,7 @@ def bandit(
     return jnp.clip(p, min_prob, 1.0)
 
   def init(num_groups, key=None):
-    key = _key(seed if key is None else key)
+    key = args_lib.as_key(seed if key is None else key)
     probs = jnp.full(num_groups, fraction, jnp.float32)
     key, sel = draw(key, probs)
     return _state(sel, key, probs)
@@ -336,6 +350,7 @@ def bandit(
     w = jnp.where(sel, probs * jnp.exp(-eta * loss / probs), probs)
     probs = normalise(w, probs.shape[0])
     key, selection = draw(state.key, probs)
-    return PolicyState(selection, state.count + 1, key, probs)
+    return PolicyState(selection, optax.safe_increment(state.count), key,
+                       probs)
 
-  return Policy(init, update, lambda step: True)
+  return Policy(init, update, lambda step: True, seed)

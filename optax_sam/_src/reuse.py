@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optax_sam._src import arguments as args_lib
 from optax_sam._src import groups as groups_lib
 from optax_sam._src import perturb as perturb_lib
 from optax_sam._src import sam as sam_lib
@@ -98,7 +99,8 @@ class ScheduleState(NamedTuple):
 
   Attributes:
     count: int32, steps taken so far.
-    key: PRNG key (uint32[2]), identical on every device.
+    key: PRNG key, identical on every device: a raw ``uint32`` key, or a
+      typed key (``jax.random.key``) when one was given.
   """
   count: jax.Array
   key: jax.Array
@@ -106,7 +108,7 @@ class ScheduleState(NamedTuple):
 
 def _simple_init(key: jax.Array) -> ScheduleState:
   return ScheduleState(count=jnp.zeros([], jnp.int32),
-                       key=jnp.asarray(key, jnp.uint32))
+                       key=args_lib.as_key(key))
 
 
 def _simple_update(state: ScheduleState, recomputed, stats) -> ScheduleState:
@@ -114,37 +116,9 @@ def _simple_update(state: ScheduleState, recomputed, stats) -> ScheduleState:
   return ScheduleState(optax.safe_increment(state.count), state.key)
 
 
-def _is_traced(value: Any) -> bool:
-  return isinstance(value, jax.core.Tracer)
-
-
-def _check_int(value: Any, name: str, minimum: int) -> Any:
-  """Validates an integer hyperparameter; a traced value (e.g. from
-  ``optax.inject_hyperparams`` inside ``jit``) passes unchecked."""
-  if _is_traced(value):
-    return value
-  arr = np.asarray(value)
-  if (isinstance(value, bool) or arr.shape != ()
-      or not np.issubdtype(arr.dtype, np.integer)):
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}.")
-  if int(arr) < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got "
-                     f"{int(arr)}.")
-  return int(arr)
-
-
-def _check_nonnegative(value: Any, name: str) -> Any:
-  """Validates a finite number >= 0; a traced value passes unchecked."""
-  if _is_traced(value):
-    return value
-  try:
-    v = float(value)
-  except (TypeError, ValueError):
-    raise ValueError(f"{name} must be a finite number >= 0, got "
-                     f"{value!r}.") from None
-  if not (v >= 0.0 and np.isfinite(v)):
-    raise ValueError(f"{name} must be a finite number >= 0, got {value}.")
-  return v
+def _increment_where(pred: jax.Array, count: jax.Array) -> jax.Array:
+  """``count + 1`` (saturating, ``optax.safe_increment``) where ``pred``."""
+  return jnp.where(pred, optax.safe_increment(count), count)
 
 
 def recompute_every(k: int, offset: int = 0) -> ReuseSchedule:
@@ -157,9 +131,10 @@ def recompute_every(k: int, offset: int = 0) -> ReuseSchedule:
   Returns:
     A :class:`ReuseSchedule`; recompute fraction ``1/k``.
   """
-  k = _check_int(k, "k", 1)
-  offset = _check_int(offset, "offset", 0)
-  if not _is_traced(k) and not _is_traced(offset) and offset >= k:
+  k = args_lib.check_int(k, "k", 1)
+  offset = args_lib.check_int(offset, "offset", 0)
+  if (not args_lib.is_traced(k) and not args_lib.is_traced(offset)
+      and offset >= k):
     raise ValueError(f"offset must be in [0, k={k}), got {offset}.")
 
   def decide(state):
@@ -180,9 +155,7 @@ def recompute_with_probability(p: float) -> ReuseSchedule:
   Returns:
     A :class:`ReuseSchedule`; expected recompute fraction ``p``.
   """
-  if not 0.0 <= float(p) <= 1.0:
-    raise ValueError(f"p must be in [0, 1], got {p}.")
-  p = float(p)
+  p = args_lib.check_number(p, "p", 0.0, 1.0)
 
   def decide(state):
     u = jax.random.uniform(jax.random.fold_in(state.key, state.count))
@@ -315,8 +288,8 @@ def recompute_adaptive(
     to Speed Up Sharpness Aware Minimization
     <https://arxiv.org/abs/2510.03763>`_, 2025.
   """
-  window = _check_int(window, "window", 2)
-  blocks = _check_int(blocks, "blocks", 1)
+  window = args_lib.check_int(window, "window", 2)
+  blocks = args_lib.check_int(blocks, "blocks", 1)
   if window // blocks < 2:
     raise ValueError(f"window // blocks must be >= 2 (each block needs two "
                      f"entries for a variance), got window={window}, "
@@ -333,13 +306,13 @@ def recompute_adaptive(
   if not 1.0 <= float(init_rate) <= max_rate:
     raise ValueError(f"init_rate must be in [1, {max_rate}] "
                      f"(= floor(max_fraction * window)), got {init_rate}.")
-  warmup = window if warmup_steps is None else _check_int(
+  warmup = window if warmup_steps is None else args_lib.check_int(
       warmup_steps, "warmup_steps", 0)
 
   def init(key):
     z = jnp.zeros([window], jnp.float32)
     return AdaptiveScheduleState(
-        count=jnp.zeros([], jnp.int32), key=jnp.asarray(key, jnp.uint32),
+        count=jnp.zeros([], jnp.int32), key=args_lib.as_key(key),
         rate=jnp.asarray(init_rate, jnp.float32),
         done=jnp.zeros([], jnp.int32), norms=z, ratios=z, variances=z,
         observed=jnp.zeros([], jnp.int32))
@@ -366,8 +339,8 @@ def recompute_adaptive(
     keep = lambda new, old: jnp.where(seen, new, old)
     norms, ratios = keep(norms, state.norms), keep(ratios, state.ratios)
     variances = keep(variances, state.variances)
-    observed = state.observed + seen.astype(jnp.int32)
-    done = state.done + recomputed.astype(jnp.int32)
+    observed = _increment_where(seen, state.observed)
+    done = _increment_where(recomputed, state.done)
     count = optax.safe_increment(state.count)
     boundary = (count >= warmup) & (jnp.mod(count - warmup, window) == 0)
     r1 = jnp.clip(mean_relative_change(ratios, observed), -1.0, 1.0)
@@ -423,9 +396,9 @@ def psf_mixer(decay: float = 0.7, horizon: Optional[int] = 6) -> Mixer:
   Returns:
     A :class:`Mixer`.
   """
-  decay = _check_nonnegative(decay, "decay")
+  decay = args_lib.check_number(decay, "decay", 0.0)
   if horizon is not None:
-    horizon = _check_int(horizon, "horizon", 0)
+    horizon = args_lib.check_int(horizon, "horizon", 0)
 
   def store(g, g_sam):
     return jax.tree.map(lambda a, b: (_f32(b) - _f32(a)).astype(b.dtype),
@@ -491,9 +464,10 @@ def orthogonal_mixer(
     alpha: the weight of the reused component (the paper's ``alpha``, 0.7 in
       its experiments), >= 0.
     per_layer: project and rescale per layer group instead of over all
-      leaves. The paper writes the global vectors; the per-tensor variant of
-      the authors' code is ``per_layer=True, labels=lambda path:
-      "/".join(path)``.
+      leaves. The paper writes global vectors (the default); the per-group
+      variant (per parameter tensor with ``labels=lambda path:
+      "/".join(path)``) is this library's choice, not the paper's: no
+      official LookSAM code was released.
     labels: layer labels for ``per_layer`` (default: parent path).
 
   Returns:
@@ -503,7 +477,7 @@ def orthogonal_mixer(
     Liu et al., `Towards Efficient and Scalable Sharpness-Aware Minimization
     <https://arxiv.org/abs/2203.02714>`_, CVPR 2022.
   """
-  alpha = _check_nonnegative(alpha, "alpha")
+  alpha = args_lib.check_number(alpha, "alpha", 0.0)
 
   def label_leaves(tree):
     if not per_layer:
@@ -591,7 +565,7 @@ def reuse_sam(
     perturbation: Optional[optax.GradientTransformation] = None,
     perturb: groups_lib.MaskOrFn = None,
     stats_on: groups_lib.MaskOrFn = None,
-    seed: int = 0,
+    seed: args_lib.SeedOrKey = 0,
     axis_name: Optional[str] = None,
     sync_ascent: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
@@ -626,7 +600,8 @@ def reuse_sam(
     perturb: static subset of leaves to perturb (mask or ``params -> mask``).
     stats_on: leaves whose norms feed the schedule's statistics (mask or
       ``params -> mask``); default every leaf.
-    seed: seed of the schedule's PRNG key (identical on every device).
+    seed: seed of the schedule's PRNG key (identical on every device): an
+      int, a raw ``uint32`` key or a typed key.
     axis_name: mapped axis to average the gradients over.
     sync_ascent: also average the ascent gradient (default: m-sharpness,
       each device perturbs along its own shard's gradient).
@@ -652,7 +627,7 @@ def reuse_sam(
     return ReuseState(
         opt_state=optimizer.init(params),
         perturbation_state=perturbation.init(params),
-        schedule=schedule.init(jax.random.PRNGKey(seed)),
+        schedule=schedule.init(args_lib.as_key(seed)),
         stored=jax.tree.map(jnp.zeros_like, params),
         age=jnp.zeros([], jnp.int32),
         count=jnp.zeros([], jnp.int32),
@@ -700,7 +675,7 @@ def reuse_sam(
       # unused perturbation itself is dropped by XLA.
       _, pstate = perturbation.update(step_lib.restrict(g, mask), pstate,
                                       params)
-      age = state.age + 1
+      age = optax.safe_increment(state.age)
       descent = mixer.mix(g_bar, state.stored, age)
       descent = jax.tree.map(lambda a, d: d.astype(a.dtype), g_bar, descent)
       zero = jnp.zeros([], jnp.float32)
@@ -722,7 +697,7 @@ def reuse_sam(
       out = jax.lax.cond(pred, recompute, reuse, state.perturbation_state)
     descent, stored, pstate, stats, age = out
     sched_state = schedule.update(state.schedule, pred, stats)
-    recomputes = state.recomputes + pred.astype(jnp.int32)
+    recomputes = _increment_where(pred, state.recomputes)
     new_updates, opt_state = optimizer.update(descent, state.opt_state,
                                               params, **extra_args)
     return new_updates, ReuseState(

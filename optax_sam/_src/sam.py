@@ -146,8 +146,10 @@ def sam(
 
   Args:
     optimizer: the base optimizer (see :func:`sharpness_aware`).
-    rho: neighbourhood radius, > 0, or a schedule of the step count. The
-      paper's default for CIFAR with SGD is 0.05.
+    rho: neighbourhood radius, a finite number > 0, or a schedule of the
+      step count (a step where it returns NaN, inf or a negative value is
+      not perturbed: see :func:`optax_sam.scale_by_rho`). The paper's
+      default for CIFAR with SGD is 0.05.
     perturb: static subset of leaves to perturb (mask or ``params -> mask``).
     per_layer: normalize the ascent per layer group instead of globally.
     labels: layer labels for ``per_layer`` (default: parent path).

@@ -34,7 +34,7 @@ References:
   Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
 
   Lee, `Layer-wise Adaptive Gradient Norm Penalizing Method for Efficient and
-  Accurate Deep Learning <https://arxiv.org/abs/2503.14205>`_, KDD 2025.
+  Accurate Deep Learning <https://arxiv.org/abs/2503.14205>`_, KDD 2024.
 
   Cheng et al., `Sparse Layer Sharpness-Aware Minimization for Efficient
   Fine-Tuning <https://arxiv.org/abs/2602.09395>`_, 2026.
@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_sam._src import arguments as args_lib
 from optax_sam._src import executors as executors_lib
 from optax_sam._src import groups as groups_lib
 from optax_sam._src import perturb as perturb_lib
@@ -101,7 +102,7 @@ def selective_sam(
     order: Any = None,
     axis_name: Optional[str] = None,
     sync_ascent: bool = False,
-    seed: int = 0,
+    seed: Optional[args_lib.SeedOrKey] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SAM on a subset of layers chosen at run time by a policy.
 
@@ -135,7 +136,11 @@ def selective_sam(
     axis_name: mapped axis to average the descent gradient (and so the
       policy's statistics) over.
     sync_ascent: also average the ascent gradient (default: m-sharpness).
-    seed: PRNG seed of the policy (identical on every device).
+    seed: PRNG seed of the policy (identical on every device): an int, a raw
+      ``uint32`` key or a typed key. The seed has one place: give it to the
+      policy (``bandit(seed=...)``, ``random_k(k, seed=...)``) or here, for
+      a policy built without one; given in both places and different, it
+      raises ``ValueError``. Neither: seed 0.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a
@@ -147,11 +152,20 @@ def selective_sam(
     perturbation = perturb_lib.sam_perturbation(rho)
   if not isinstance(policy, policies_lib.Policy):
     raise TypeError(f"policy must be an optax_sam.Policy, got {policy!r}.")
+  if seed is None:
+    seed = policy.seed
+  elif (policy.seed is not None
+        and args_lib.same_seed(seed, policy.seed) is False):
+    raise ValueError(
+        f"selective_sam got seed={seed!r} and its policy was built with "
+        f"seed={policy.seed!r}: give the seed in one place (the policy's "
+        "seed=, or selective_sam's seed= for a policy built without one).")
   if sync_ascent and axis_name is None:
     raise ValueError("sync_ascent=True needs an axis_name.")
   ex = executors_lib.get_executor(executor)
-  if not 0.0 <= alpha <= 1.0:
-    raise ValueError(f"alpha must be in [0, 1], got {alpha}.")
+  alpha = args_lib.check_number(alpha, "alpha", 0.0, 1.0)
+  # A traced alpha (optax.inject_hyperparams) is mixed in whatever its value.
+  mix = args_lib.is_traced(alpha) or alpha != 1.0
 
   def groups_of(params):
     return groups_lib.layer_groups(params, labels, order)
@@ -159,7 +173,7 @@ def selective_sam(
   def init_fn(params):
     groups = groups_of(params)
     num = groups.num_groups
-    pstate = policy.init(num, jax.random.PRNGKey(seed))
+    pstate = policy.init(num, args_lib.as_key(seed))
     return SelectiveState(
         opt_state=optimizer.init(params),
         perturbation_state=perturbation.init(params),
@@ -202,7 +216,7 @@ def selective_sam(
       else:
         g_sam = oracle.perturbed(w_adv, 0)
         descent = 1.0
-      if alpha != 1.0:  # mix on the selected layers (g is 0 elsewhere)
+      if mix:  # on the selected layers (g is 0 elsewhere)
         g_sam = jax.tree.map(
             lambda ga, gc, s, m: (jnp.where(s, (1 - alpha) * gc + alpha * ga,
                                             ga) if m else ga),
@@ -223,7 +237,8 @@ def selective_sam(
     pstate = policy.update(state.policy, stats)
     new_updates, opt_state = optimizer.update(g_sam, state.opt_state, params,
                                               **extra_args)
-    counts = state.branch_counts.at[branch].add(1)
+    counts = state.branch_counts.at[branch].set(
+        optax.safe_increment(state.branch_counts[branch]))
     return new_updates, SelectiveState(
         opt_state, pert_state, pstate, selection, branch.astype(jnp.int32),
         counts, active[0], active[1])

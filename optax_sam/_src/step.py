@@ -166,8 +166,12 @@ class LossOracle(GradientOracle):
     self.loss_fn = loss_fn
     self.has_aux = has_aux
     self.args = args
+    # Whether a transformation asked for any gradient pass: tells "tx ignored
+    # grad_fn" apart from an error raised inside a pass (e.g. by loss_fn).
+    self.requested = False
 
   def _value_and_grad(self, params, wrt):
+    self.requested = True
     leaves, treedef = jax.tree.flatten(params)
     flags = _flags(wrt, params)
     if len(flags) != len(leaves):
@@ -277,7 +281,11 @@ def make_update(
       updates, opt_state = tx.update(None, opt_state, params, grad_fn=oracle,
                                      **extra_args)
     except (TypeError, AttributeError) as e:
-      if oracle.value is None:
+      # Only a transformation that never asked for a pass (a plain optax
+      # optimizer choking on updates=None) gets the hint; an error raised
+      # inside a pass (a bug in loss_fn, a non-scalar loss, a has_aux
+      # mismatch, integer leaves) is the user's to see as it is.
+      if not oracle.requested:
         raise TypeError(_NOT_DRIVEN) from e
       raise
     if oracle.value is None:
