@@ -13,8 +13,8 @@ import pytest
 import optax_sam
 import reference
 from _util import (assert_trees_close, deep_mlp, device_data, flops,
-                   jax_loss, replicate, rolling_batches, run_steps, setup,
-                   shard_map_train, shards, stack, to_jax)
+                   jax_loss, make_step, replicate, rolling_batches, run_steps,
+                   setup, shard_map_train, shards, stack, to_jax)
 
 LR, MOM, RHO, SEED = 0.1, 0.9, 0.05, 3
 # A small adaptive schedule whose rate moves within a few windows.
