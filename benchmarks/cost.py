@@ -520,7 +520,11 @@ def main(argv=None):
       "--selections-from", default="benchmarks/results/full.json",
       help="results file whose CNN layer-wise selections and ARSAM "
       "recompute fraction weight the amortized rows (--executors)")
-  parser.add_argument("--resnet-width", type=int, default=16)
+  parser.add_argument("--resnet-width", type=int, default=None,
+                      help="ResNet-18 width (default 64; 16 with "
+                      "--executors)")
+  parser.add_argument("--mlp-depth", type=int, default=8)
+  parser.add_argument("--mlp-width", type=int, default=256)
   parser.add_argument("--progress", action="store_true")
   args = parser.parse_args(argv)
   provenance.record_start()
@@ -529,8 +533,10 @@ def main(argv=None):
     kwargs = {"batch": args.batch} if args.batch else {}
     if args.executors and model in ("cnn", "resnet18"):
       kwargs["image"] = tuple(int(v) for v in args.image.split(","))
-    if model == "resnet18":
-      kwargs["width"] = args.resnet_width
+    if model == "resnet18" and (args.resnet_width or args.executors):
+      kwargs["width"] = args.resnet_width or 16
+    if model == "mlp":
+      kwargs.update(depth=args.mlp_depth, width=args.mlp_width)
     problem = PROBLEMS[model](**kwargs)
     if not args.executors:
       results[model] = measure(problem, core_methods(problem),
