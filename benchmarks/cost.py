@@ -394,7 +394,9 @@ def measure_executors(problems: dict[str, Problem], *,
                       selections: dict[tuple[bool, ...], float],
                       recompute_fraction: Optional[float],
                       suffix_start: int, rounds: int, steps_per_round: int,
-                      progress: bool = False) -> dict[str, Any]:
+                      progress: bool = False,
+                      only: Optional[tuple[str, ...]] = None
+                      ) -> dict[str, Any]:
   """The executor table of one model: every program of
   :func:`executor_programs` for each backward rule (``problems`` maps a
   ``conv_backward`` to the model built with it), compiled FLOPs and wall
@@ -407,6 +409,8 @@ def measure_executors(problems: dict[str, Problem], *,
   for mode, prob in problems.items():
     for name, prog in executor_programs(prob, mode, selections,
                                         suffix_start).items():
+      if only and name != "sgd" and name.split("[")[0] not in only:
+        continue
       key = f"{mode}/{name}"
       state = prog.force(prog.state)
       rows[key] = compiled_cost(prog.fn, problem.params, state,
@@ -424,11 +428,12 @@ def measure_executors(problems: dict[str, Problem], *,
     row["time_ratio"] = row["step_s"] / rows[f"{mode}/sgd"]["step_s"]
   for mode in conv_modes:
     parts = [(rows[f"{mode}/layerwise_sam[{_name(problem.groups, sel)}]"], f)
-             for sel, f in selections.items()]
-    if parts:
+             for sel, f in selections.items()
+             if f"{mode}/layerwise_sam[{_name(problem.groups, sel)}]" in rows]
+    if parts and len(parts) == len(selections):
       rows[f"{mode}/layerwise_sam"] = _amortized(parts, {
           _name(problem.groups, sel): f for sel, f in selections.items()})
-    if recompute_fraction is not None:
+    if recompute_fraction is not None and f"{mode}/arsam[reuse]" in rows:
       f = recompute_fraction
       rows[f"{mode}/arsam"] = _amortized(
           [(rows[f"{mode}/arsam[recompute]"], f),
@@ -526,6 +531,9 @@ def main(argv=None):
   parser.add_argument("--mlp-depth", type=int, default=8)
   parser.add_argument("--mlp-width", type=int, default=256)
   parser.add_argument("--progress", action="store_true")
+  parser.add_argument("--only", default=None,
+                      help="comma-separated program kinds to measure with "
+                      "--executors (e.g. sam,sam_handwritten; sgd always)")
   args = parser.parse_args(argv)
   provenance.record_start()
   results = {}
@@ -554,7 +562,8 @@ def main(argv=None):
     results[model] = measure_executors(
         problems, selections=selections, recompute_fraction=fraction,
         suffix_start=problem.groups.num_groups // 2, rounds=args.rounds,
-        steps_per_round=args.steps_per_round, progress=args.progress)
+        steps_per_round=args.steps_per_round, progress=args.progress,
+        only=tuple(args.only.split(",")) if args.only else None)
     print(format_executor_table(model, results[model]), flush=True)
   if not args.no_write:
     name = args.name or ("executor_cost" if args.executors else "core_cost")

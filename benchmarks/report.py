@@ -98,6 +98,34 @@ def cost_tables(name: str, res: dict[str, Any]) -> list[str]:
   return out
 
 
+def executor_tables(name: str, res: dict[str, Any]) -> list[str]:
+  """``benchmarks.cost --executors``: every program per backward rule."""
+  out = [f"### `{name}.json`", "", _provenance_line(res["provenance"]), "",
+         "Per step, as ratios to the SGD step built with the same backward "
+         "rule for the convolutions (`xla`: XLA's own; `forward`: the "
+         "forward form; `auto` for models without convolutions). FLOPs "
+         "marked * are those of a program with a conditional, which XLA's "
+         "cost analysis counts as its costliest branch; the static and "
+         "specialize rows give the taken branch's. Amortized rows weight "
+         "each held selection or branch by its share of the steps of the "
+         "recorded training runs.", ""]
+  for model, r in res["results"].items():
+    out += [f"**{model}**", "",
+            "| program | FLOPs/SGD | wall time/SGD | ms/step |",
+            "|---|---|---|---|"]
+    for m, row in r["methods"].items():
+      fl = row.get("flops_ratio")
+      flops = "-" if fl is None else (f"{fl:.3f}" + (
+          "*" if row.get("conditional") else ""))
+      tag = " (amortized: " + ", ".join(
+          f"{k} {v:.0%}" for k, v in row["fractions"].items()) + ")" if (
+              row.get("amortized")) else ""
+      out.append(f"| {m}{tag} | {flops} | {row['time_ratio']:.3f} | "
+                 f"{1e3 * row['step_s']:.1f} |")
+    out.append("")
+  return out
+
+
 def selection_tables(name: str, res: dict[str, Any]) -> list[str]:
   out = [f"### `{name}.json`", "", _provenance_line(res["provenance"]), ""]
   for model, r in res["results"].items():
@@ -198,6 +226,8 @@ def build(results_dir: str = RESULTS) -> tuple[str, list[str]]:
       md += lm_tables(name, res)
     elif name.startswith("selection"):
       md += selection_tables(name, res)
+    elif name.startswith("executor_cost"):
+      md += executor_tables(name, res)
     elif "results" in res and all("methods" in r
                                   for r in res["results"].values()):
       md += cost_tables(name, res)
