@@ -73,12 +73,19 @@ def mlp_problem(depth: int = 8, width: int = 256, batch: int = 128,
                  optax_sam.layer_groups(params))
 
 
+def _model_rule(conv_backward: str) -> str:
+  """The model's own rule for a ``make_update`` rule: the forward form in
+  the model only when every pass asks for it ("auto" rewrites the
+  conditional passes itself)."""
+  return "forward" if conv_backward == "forward" else "xla"
+
+
 def cnn_problem(batch: int = 128, seed: int = 0,
                 image: tuple[int, int, int] = (32, 32, 3),
                 conv_backward: str = "auto") -> Problem:
   """The small Flax CNN (6 conv + 2 dense) on ``image``-shaped inputs."""
   from optax_sam.models.vision import SmallCNN  # pylint: disable=g-import-not-at-top
-  model = SmallCNN(num_classes=10, conv_backward=conv_backward)
+  model = SmallCNN(num_classes=10, conv_backward=_model_rule(conv_backward))
   x = jax.random.normal(jax.random.PRNGKey(seed + 1), (batch, *image))
   y = jnp.arange(batch) % 10
   params = model.init(jax.random.PRNGKey(seed), x[:1])["params"]
@@ -105,7 +112,8 @@ def resnet18_problem(batch: int = 128, seed: int = 0,
   batch is ``(batch_stats, x, y)`` and ``has_aux`` is True.
   """
   from optax_sam.models.vision import ResNet18  # pylint: disable=g-import-not-at-top
-  model = ResNet18(num_classes=10, width=width, conv_backward=conv_backward)
+  model = ResNet18(num_classes=10, width=width,
+                   conv_backward=_model_rule(conv_backward))
   x = jax.random.normal(jax.random.PRNGKey(seed + 1), (batch, *image))
   y = jnp.arange(batch) % 10
   variables = model.init(jax.random.PRNGKey(seed), x[:1])
@@ -517,7 +525,7 @@ def main(argv=None):
       help="the executor table: switch/dense/specialize against the static "
       "program, layer-wise SAM and ARSAM branches, SAM by hand, for each "
       "backward rule of the convolutions")
-  parser.add_argument("--conv-backward", default="xla,forward",
+  parser.add_argument("--conv-backward", default="xla,forward,auto",
                       help="backward rules to compare (--executors)")
   parser.add_argument("--image", default="28,28,1",
                       help="image shape of the conv models (--executors)")

@@ -278,10 +278,25 @@ def test_make_update_conv_backward_options_agree(method):
       p = optax.apply_updates(p, u)
     out[mode] = p
   assert_trees_close(out["forward"], out["xla"], rtol=1e-4, atol=1e-5)
-  # "auto" is the forward form on the CPU.
+  # "auto" on the CPU: the forward form inside the method's conditional
+  # branches (layer-wise SAM's switch), XLA's rule elsewhere (SAM).
   auto = optax_sam.make_update(make_tx(), loss)
-  assert "custom_vjp_call" in str(jax.make_jaxpr(auto)(
-      params, make_tx().init(params), x, y))
+  jaxpr = jax.make_jaxpr(auto)(params, make_tx().init(params), x, y)
+  assert ("custom_vjp_call" in str(jaxpr)) == (method == "layerwise_sam")
+  top = [e.primitive.name for e in jaxpr.jaxpr.eqns]
+  assert "custom_vjp_call" not in top  # the clean pass outside: XLA's rule
+
+
+def test_auto_puts_the_forward_form_in_arsams_recompute_branch_only():
+  params, make_loss, x, y = _linen_problem()
+  tx = optax_sam.arsam(optax.sgd(0.1), rho=0.05)
+  jaxpr = jax.make_jaxpr(optax_sam.make_update(tx, make_loss(_LinenCNN())))(
+      params, tx.init(params), x, y).jaxpr
+  conds = [e for e in jaxpr.eqns if e.primitive.name == "cond"]
+  assert len(conds) == 1
+  assert "custom_vjp_call" not in [e.primitive.name for e in jaxpr.eqns]
+  branches = [str(b) for b in conds[0].params["branches"]]
+  assert ["custom_vjp_call" in b for b in branches] == [False, True]
 
 
 def test_make_update_rejects_unknown_conv_backward():
@@ -316,13 +331,18 @@ def test_forward_form_keeps_the_static_subset_saving():
   assert flops["forward", "last"] < 0.8 * flops["forward", "sam"], flops
 
 
-def test_example_models_use_the_forward_form_on_cpu():
+@pytest.mark.parametrize("rule", ["xla", "forward"])
+def test_example_models_take_a_conv_backward(rule):
   from optax_sam import models  # pylint: disable=g-import-not-at-top
-  model = models.get_model("resnet18", width=2)
   x = jnp.ones((2, 8, 8, 3))
-  variables = model.init(jax.random.PRNGKey(0), x)
-  loss = lambda p: jnp.sum(model.apply(
-      {"params": p, "batch_stats": variables["batch_stats"]}, x,
-      train=True, mutable=["batch_stats"])[0])
-  assert "custom_vjp_call" in str(jax.make_jaxpr(jax.grad(loss))(
-      variables["params"]))
+  grads = {}
+  for r in ("xla", rule):
+    model = models.get_model("resnet18", width=2, conv_backward=r)
+    variables = model.init(jax.random.PRNGKey(0), x)
+    loss = lambda p, model=model, v=variables: jnp.sum(model.apply(
+        {"params": p, "batch_stats": v["batch_stats"]}, x,
+        train=True, mutable=["batch_stats"])[0])
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
+    assert ("custom_vjp_call" in jaxpr) == (r == "forward")
+    grads[r] = jax.grad(loss)(variables["params"])
+  assert_trees_close(grads["xla"], grads[rule], rtol=1e-4, atol=1e-5)

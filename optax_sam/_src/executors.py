@@ -124,11 +124,15 @@ class Executor(NamedTuple):
       ``selection`` (it masks the dynamic selection inside).
     branch_flags: ``num_groups -> list of the static flags of each branch``
       (empty for ``specialize``, whose programs are made on demand).
+    conditional: whether ``run`` traces ``body`` inside a conditional
+      (methods then mark the passes for the forward-form convolution
+      backward, see :func:`optax_sam.make_update`).
   """
   name: str
   num_branches: Callable[[int], int]
   run: Callable[..., tuple[Any, jax.Array]]
   branch_flags: Callable[[int], list[Flags]]
+  conditional: bool = False
 
 
 def dense() -> Executor:
@@ -161,7 +165,8 @@ def switch(menu: MenuSpec = None) -> Executor:
     return jax.lax.switch(index, branches), index
 
   return Executor("switch", lambda n: len(_resolve_menu(menu, n).entries),
-                  run, lambda n: list(_resolve_menu(menu, n).entries))
+                  run, lambda n: list(_resolve_menu(menu, n).entries),
+                  conditional=True)
 
 
 def specialize() -> Executor:

@@ -694,7 +694,8 @@ def reuse_sam(
       out = branch(state.perturbation_state)
       pred = jnp.asarray(bool(pred))
     else:
-      out = jax.lax.cond(pred, recompute, reuse, state.perturbation_state)
+      with oracle.conditional():
+        out = jax.lax.cond(pred, recompute, reuse, state.perturbation_state)
     descent, stored, pstate, stats, age = out
     sched_state = schedule.update(state.schedule, pred, stats)
     recomputes = _increment_where(pred, state.recomputes)

@@ -42,6 +42,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
@@ -225,8 +226,10 @@ def selective_sam(
                 jnp.float32(descent))
       return value, g_sam, pert_state, active
 
-    (value, g_sam, pert_state, active), branch = ex.run(
-        selection, body, static_selection)
+    with (oracle.conditional() if ex.conditional
+          else contextlib.nullcontext()):
+      (value, g_sam, pert_state, active), branch = ex.run(
+          selection, body, static_selection)
     oracle.record(*value)
     g_sam = step_lib.pmean_where(g_sam, None, axis_name)
     stats = policies_lib.LayerStats(

@@ -26,7 +26,8 @@ Methods call :meth:`GradientOracle.clean` once, outside any
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any, Optional
 
 import jax
@@ -110,6 +111,19 @@ class GradientOracle:
   """
 
   value: Optional[tuple[Any, Any]] = None
+  conditional_depth: int = 0
+
+  @contextlib.contextmanager
+  def conditional(self) -> Iterator[None]:
+    """Marks the passes traced inside as running in a ``lax.cond`` or
+    ``lax.switch`` branch: methods wrap the conditionals they build, so that
+    :class:`LossOracle` can differentiate those passes with the forward-form
+    convolution backward (XLA's CPU rule is slow there)."""
+    self.conditional_depth += 1
+    try:
+      yield
+    finally:
+      self.conditional_depth -= 1
 
   def clean_with_value(self, params: PyTree, wrt: Optional[Mask] = None
                        ) -> tuple[tuple[Any, Any], PyTree]:
@@ -162,10 +176,13 @@ class LossOracle(GradientOracle):
   """C2: differentiates ``loss_fn(params, *args)`` w.r.t. requested leaves."""
 
   def __init__(self, loss_fn: Callable[..., Any], has_aux: bool,
-               args: tuple[Any, ...]):
+               args: tuple[Any, ...],
+               branch_loss_fn: Optional[Callable[..., Any]] = None):
     self.loss_fn = loss_fn
     self.has_aux = has_aux
     self.args = args
+    # The loss differentiated inside conditional branches (None: loss_fn).
+    self.branch_loss_fn = branch_loss_fn
     # Whether a transformation asked for any gradient pass: tells "tx ignored
     # grad_fn" apart from an error raised inside a pass (e.g. by loss_fn).
     self.requested = False
@@ -180,11 +197,14 @@ class LossOracle(GradientOracle):
     if not chosen:
       raise ValueError("a gradient pass must request at least one leaf.")
 
+    loss_fn = (self.branch_loss_fn if self.conditional_depth
+               and self.branch_loss_fn is not None else self.loss_fn)
+
     def partial_loss(selected):
       full = list(leaves)
       for i, x in zip(chosen, selected):
         full[i] = x
-      return self.loss_fn(jax.tree.unflatten(treedef, full), *self.args)
+      return loss_fn(jax.tree.unflatten(treedef, full), *self.args)
 
     out, g_sel = jax.value_and_grad(partial_loss, has_aux=self.has_aux)(
         [leaves[i] for i in chosen])
@@ -252,13 +272,14 @@ def make_update(
       ``has_aux`` is True.
     has_aux: whether ``loss_fn`` returns ``(loss, aux)``.
     conv_backward: how the gradients of the convolutions ``loss_fn`` runs
-      are computed. ``"forward"`` rewrites them as forward convolutions
-      (:func:`optax_sam.forward_form_convs`), which XLA's CPU backend runs
-      as fast inside the ``lax.cond``/``lax.switch`` branches of the
-      selective and reuse methods as outside (XLA's own rule is 10-40x
-      slower there); ``"xla"`` keeps XLA's rule; ``"auto"`` (default) is
-      ``"forward"`` on the CPU and ``"xla"`` elsewhere. Values and gradients
-      are the same either way, up to summation order.
+      are computed. ``"auto"`` (default): on the CPU, the passes a method
+      runs inside its ``lax.cond``/``lax.switch`` branches (the ``switch``
+      executor, ARSAM's and LookSAM's recompute branch) rewrite them as
+      forward convolutions (:func:`optax_sam.forward_form_convs`), which XLA
+      runs there as fast as outside (its own rule is 10-40x slower inside a
+      conditional); every other pass, and every pass on GPU/TPU, keeps XLA's
+      rule. ``"forward"``: every pass in forward form. ``"xla"``: never.
+      Values and gradients are the same either way, up to summation order.
 
   Returns:
     ``step(params, opt_state, *args, **extra_args) -> ((loss, aux), updates,
@@ -275,8 +296,12 @@ def make_update(
   rewritten = conv_lib.forward_form_convs(loss_fn)
 
   def step(params, opt_state, *args, **extra_args):
-    forward = conv_lib.resolve_conv_backward(conv_backward)
-    oracle = LossOracle(rewritten if forward else loss_fn, has_aux, args)
+    if conv_backward == "forward":
+      oracle = LossOracle(rewritten, has_aux, args)
+    else:
+      in_branches = conv_lib.resolve_conv_backward(conv_backward)
+      oracle = LossOracle(loss_fn, has_aux, args,
+                          rewritten if in_branches else None)
     try:
       updates, opt_state = tx.update(None, opt_state, params, grad_fn=oracle,
                                      **extra_args)

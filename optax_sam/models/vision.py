@@ -18,22 +18,13 @@ Submodules are named so that the parameter tree flattens in depth order (see
 :mod:`optax_sam.models.layers`).
 
 Every model with convolutions (SmallCNN, ResNet18, WideResNet, ViT's patch
-embedding) takes ``conv_backward``: ``"auto"`` (default) computes the
-convolution gradients in forward form on the CPU, where XLA's own rule is
-10-40x slower inside the ``lax.cond``/``lax.switch`` branches of the
-selective and reuse methods (:func:`optax_sam.conv_general_dilated`), and
-with XLA's rule elsewhere; ``"forward"`` and ``"xla"`` force one.
-
-References:
-  He, K., Zhang, X., Ren, S. and Sun, J. (2016). Deep residual learning for
-  image recognition. CVPR.
-  He, K., Zhang, X., Ren, S. and Sun, J. (2016). Identity mappings in deep
-  residual networks. ECCV (pre-activation blocks, used by WRN).
-  Zagoruyko, S. and Komodakis, N. (2016). Wide residual networks. BMVC.
-  Dosovitskiy, A. et al. (2021). An image is worth 16x16 words: Transformers
-  for image recognition at scale. ICLR.
-  Foret, P., Kleiner, A., Mobahi, H. and Neyshabur, B. (2021).
-  Sharpness-aware minimization for efficiently improving generalization. ICLR.
+embedding) takes ``conv_backward`` (see :func:`optax_sam.select_conv`):
+``"xla"`` (default) keeps XLA's gradient rule in the model, and
+:func:`optax_sam.make_update` turns the convolutions of the passes that run
+inside the library's conditional branches into the forward form on the CPU
+(XLA's rule is 10-40x slower there); ``"forward"`` puts the forward form in
+the model itself, e.g. for C1 steps that differentiate inside a user's own
+``lax.cond``; ``"auto"`` is ``"forward"`` on the CPU.
 """
 
 from __future__ import annotations
@@ -56,13 +47,8 @@ _conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
 def _conv(module: nn.Module, *args, **kwargs) -> nn.Conv:
-  """``nn.Conv`` whose gradients follow ``module.conv_backward``.
-
-  ``"auto"`` (every model's default): the forward-form backward on the CPU,
-  fast inside the conditional branches of the selective and reuse methods
-  (see :func:`optax_sam.conv_general_dilated`), XLA's rule elsewhere;
-  ``"forward"`` or ``"xla"`` force one.
-  """
+  """``nn.Conv`` whose gradients follow ``module.conv_backward`` (see the
+  module docstring)."""
   return nn.Conv(*args,
                  conv_general_dilated=select_conv(module.conv_backward),
                  **kwargs)
@@ -113,7 +99,7 @@ class SmallCNN(nn.Module):
   num_classes: int = 10
   width: int = 32
   hidden: int = 256
-  conv_backward: str = "auto"
+  conv_backward: str = "xla"
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -133,7 +119,7 @@ class _ResidualShortcut(nn.Module):
   features: int
   strides: int
   bn_axis_name: Optional[str] = None
-  conv_backward: str = "auto"
+  conv_backward: str = "xla"
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
@@ -151,7 +137,7 @@ class BasicBlock(nn.Module):
   features: int
   strides: int = 1
   bn_axis_name: Optional[str] = None
-  conv_backward: str = "auto"
+  conv_backward: str = "xla"
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -185,7 +171,7 @@ class ResNet18(nn.Module):
   num_classes: int = 10
   width: int = 64
   bn_axis_name: Optional[str] = None
-  conv_backward: str = "auto"
+  conv_backward: str = "xla"
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -203,7 +189,7 @@ class ResNet18(nn.Module):
 class _Stem(nn.Module):
   features: int
   bn_axis_name: Optional[str] = None
-  conv_backward: str = "auto"
+  conv_backward: str = "xla"
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
@@ -222,7 +208,7 @@ class WideBasicBlock(nn.Module):
   strides: int = 1
   dropout_rate: float = 0.0
   bn_axis_name: Optional[str] = None
-  conv_backward: str = "auto"
+  conv_backward: str = "xla"
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -263,7 +249,7 @@ class WideResNet(nn.Module):
   base_width: int = 16
   dropout_rate: float = 0.0
   bn_axis_name: Optional[str] = None
-  conv_backward: str = "auto"
+  conv_backward: str = "xla"
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -294,7 +280,7 @@ class _PatchEmbed(nn.Module):
   hidden: int
   patch_size: int
   use_cls_token: bool
-  conv_backward: str = "auto"
+  conv_backward: str = "xla"
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -343,7 +329,7 @@ class ViT(nn.Module):
   mlp_ratio: int = 2
   pool: str = "cls"
   dropout_rate: float = 0.0
-  conv_backward: str = "auto"
+  conv_backward: str = "xla"
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
