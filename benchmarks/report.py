@@ -103,7 +103,9 @@ def executor_tables(name: str, res: dict[str, Any]) -> list[str]:
   out = [f"### `{name}.json`", "", _provenance_line(res["provenance"]), "",
          "Per step, as ratios to the SGD step built with the same backward "
          "rule for the convolutions (`xla`: XLA's own; `forward`: the "
-         "forward form; `auto` for models without convolutions). FLOPs "
+         "forward form in every pass; `auto`, the default: the forward form "
+         "in the passes inside a method's conditional branches, XLA's rule "
+         "elsewhere; models without convolutions have `auto` only). FLOPs "
          "marked * are those of a program with a conditional, which XLA's "
          "cost analysis counts as its costliest branch; the static and "
          "specialize rows give the taken branch's. Amortized rows weight "
