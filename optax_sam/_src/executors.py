@@ -26,19 +26,20 @@ figures in ``benchmarks/results/selection_*.json``):
 * :func:`specialize`: one program per distinct selection, compiled on first
   use and cached (bounded). The selection must be given statically; the
   loop helper :class:`SpecializedStep` reads it from the optimizer state
-  (a device-to-host copy) only before steps where the policy may change it.
-  Exact cost for any subset; pays one compilation per distinct subset and a
-  synchronisation at re-selection steps. Best when the selection changes
-  rarely (re-selection every N steps).
+  (a device-to-host copy) before every step. Exact cost for any subset;
+  pays one compilation per distinct subset and that synchronisation. Best
+  when the selection changes rarely (re-selection every N steps).
 
 Defaults: :func:`optax_sam.selective_sam` and :func:`optax_sam.layerwise_sam`
 use ``switch``, because it is the only one that works wherever a jitted step
 works (inside a user's ``jit``, ``pmap``, ``shard_map``, C1 and C2) and its
-compiled branches have the right FLOPs. Measured on the CPU (see
-``benchmarks/results/selection.json``): XLA runs convolution gradients inside
-a conditional 10-20x slower than outside one (jax-ml/jax#12868), so for conv
-nets on the CPU use ``specialize``; for matmul-only models ``switch`` costs
-about 15% more wall time than the static program.
+compiled branches have the right FLOPs. On the CPU, XLA runs its own
+convolution gradients inside a conditional 10-40x slower than outside one
+(jax-ml/jax#12868); :func:`optax_sam.make_update` therefore differentiates
+the passes inside ``switch``'s branches with the forward-form convolution
+backward (``conv_backward="auto"``, see ``conv.py``), and ``switch`` then
+runs at 0.99-1.02x the equivalent static program's wall time (CNN,
+ResNet-18; ``benchmarks/results/executor_cost.json``).
 """
 
 from __future__ import annotations
