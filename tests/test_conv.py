@@ -346,3 +346,33 @@ def test_example_models_take_a_conv_backward(rule):
     assert ("custom_vjp_call" in jaxpr) == (r == "forward")
     grads[r] = jax.grad(loss)(variables["params"])
   assert_trees_close(grads["xla"], grads[rule], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["pmap", "shard_map"])
+def test_forward_form_inside_the_switch_under_data_parallelism(mode):
+  """layerwise_sam's switch branches, with the forward form, on 8 devices:
+  replicas agree and equal the same step with XLA's rule."""
+  from _util import N_DEV, replicate, shard_map_train, stack  # pylint: disable=g-import-not-at-top
+  if jax.device_count() < N_DEV:
+    pytest.skip("needs 8 devices (conftest.py sets XLA_FLAGS)")
+  params, make_loss, _, _ = _linen_problem()
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(2 * N_DEV, 8, 8, 2)), jnp.float32)
+  y = jnp.arange(2 * N_DEV) % 3
+  loss = make_loss(_LinenCNN())
+  out = {}
+  for rule in ("auto", "xla"):
+    tx = optax_sam.layerwise_sam(optax.sgd(0.1), rho=0.05, num_layers=1,
+                                 axis_name="dev")
+    step = optax_sam.make_update(tx, loss, conv_backward=rule)
+    state = tx.init(params)
+    if mode == "pmap":
+      _, u, _ = jax.pmap(step, axis_name="dev")(
+          replicate(params), replicate(state), stack(x), stack(y))
+      new = optax.apply_updates(replicate(params), u)
+      for leaf in jax.tree.leaves(new):  # identical replicas
+        np.testing.assert_array_equal(leaf[0], leaf[-1])
+      out[rule] = jax.tree.map(lambda a: a[0], new)
+    else:
+      out[rule] = shard_map_train(step)(params, state, stack(x), stack(y))
+  assert_trees_close(out["auto"], out["xla"], rtol=1e-4, atol=1e-6)
