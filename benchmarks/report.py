@@ -136,13 +136,15 @@ def selection_tables(name: str, res: dict[str, Any]) -> list[str]:
             f"re-selected every {r['every']} steps, {r['steps']} steps; "
             f"selections: {', '.join(r['selections'])}", "",
             "| executor | amortized FLOPs/SGD | FLOPs/static | "
-            "wall/SGD | wall/static | steps timed |", "|---|---|---|---|---|---|"]
+            "wall/SGD | wall/static | median wall/static | steps timed |",
+            "|---|---|---|---|---|---|---|"]
     for m in ("static", "switch", "specialize"):
       fl = f["amortized_ratio_to_sgd"][m]
       out.append(f"| {m} | {fl:.3f} | "
                  f"{fl / f['amortized_ratio_to_sgd']['static']:.3f} | "
                  f"{w['mean_ratio_to_sgd'][m]:.3f} | "
                  f"{w['mean_ratio_to_static'][m]:.3f} | "
+                 f"{w['median_s'][m] / w['median_s']['static']:.3f} | "
                  f"{w['steps_timed'][m]} |")
     c = r["compile"]
     out += ["", f"switch: {c['switch_num_branches']} branches compiled once in "
