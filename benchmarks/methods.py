@@ -64,8 +64,10 @@ def _asam(base, rho=0.5, eta=0.01, **hp):
 @register("layerwise_sam")
 def _layerwise(base, rho=0.05, num_layers=2, interval=100,
                executor="specialize", labels=None, **hp):
-  # On CPU, convolution gradients inside lax.switch are slow (README), so
-  # the benchmark drives the 'specialize' executor from the host loop.
+  # The recorded figures drive the 'specialize' executor from the host loop
+  # (exact cost per held selection). Since make_update's conv_backward="auto"
+  # the default 'switch' runs conv nets as fast on the CPU (README); pass
+  # executor="switch" to measure it.
   tx = optax_sam.layerwise_sam(base, rho=rho, num_layers=num_layers,
                                interval=interval, executor=executor,
                                labels=labels, **hp)
@@ -78,9 +80,10 @@ def _layerwise(base, rho=0.05, num_layers=2, interval=100,
                 specialized=executor == "specialize")
 
 
-# ARSAM and LookSAM branch with lax.cond; on the CPU a conv gradient inside
-# a conditional is slow, so the benchmark runs each branch as its own
-# program (driver="host"); driver="cond" measures the lax.cond program.
+# ARSAM and LookSAM branch with lax.cond; the recorded figures run each
+# branch as its own program (driver="host", exact cost per branch);
+# driver="cond" measures the lax.cond program (as fast on the CPU since
+# make_update's conv_backward="auto").
 @register("arsam")
 def _arsam(base, rho=0.05, driver="host", **hp):
   return Method(optax_sam.arsam(base, rho=rho, **hp), None,
