@@ -374,8 +374,8 @@ def executor_programs(problem: Problem, conv_backward: str,
     fn = train(tx)
     if extra:
       fn = (lambda f, kw: lambda p, s, *b: f(p, s, *b, **kw))(fn, extra)
-    state = tx.init(problem.params)
-    progs[name] = Program(fn, state, force or (lambda s: s))
+    progs[name] = Program(fn, tx.init(problem.params),
+                          *([force] if force else []))
 
   add("sgd", optax_sam.plain(base()))
   add("sam", optax_sam.sam(base(), rho=0.05))
@@ -463,6 +463,17 @@ def _amortized(parts, fractions) -> dict[str, Any]:
   return row
 
 
+def held_selections(runs) -> dict[tuple[bool, ...], int]:
+  """How many recorded steps each layer selection was held, over ``runs``
+  (result rows with a ``selection.trace`` of ``(step, flags)``)."""
+  counts: dict[tuple[bool, ...], int] = {}
+  for r in runs:
+    for _, flags in (r.get("selection") or {}).get("trace", []):
+      key = tuple(bool(f) for f in flags)
+      counts[key] = counts.get(key, 0) + 1
+  return counts
+
+
 def selections_from_results(path: str, task: str, method: str,
                             top: int = 4) -> tuple[dict, Optional[float]]:
   """The ``top`` most held layer selections of ``method``'s runs in a
@@ -471,12 +482,7 @@ def selections_from_results(path: str, task: str, method: str,
   import json  # pylint: disable=g-import-not-at-top
   with open(path) as f:
     res = json.load(f)["results"][task]
-  counts: dict[tuple[bool, ...], int] = {}
-  for r in res["runs"]:
-    if r["method"] == method:
-      for _, fl in (r.get("selection") or {}).get("trace", []):
-        key = tuple(bool(v) for v in fl)
-        counts[key] = counts.get(key, 0) + 1
+  counts = held_selections(r for r in res["runs"] if r["method"] == method)
   best = sorted(counts.items(), key=lambda kv: -kv[1])[:top]
   total = sum(c for _, c in best) or 1
   rec = [r["recompute_fraction"] for r in res["runs"]

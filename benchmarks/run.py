@@ -179,11 +179,7 @@ def program_weights(built: dict[str, methods_lib.Method], params,
                    ("reuse", {"static_recompute": False},
                     None if f is None else 1.0 - f)]
     elif m.policy is not None:
-      counts: dict[tuple[bool, ...], int] = {}
-      for r in mine:
-        for _, flags in (r.get("selection") or {}).get("trace", []):
-          key = tuple(bool(f) for f in flags)
-          counts[key] = counts.get(key, 0) + 1
+      counts = cost_lib.held_selections(mine)
       if not counts:
         sel0 = m.policy.init(groups.num_groups, None).selection
         counts = {tuple(bool(f) for f in np.asarray(sel0)): 1}

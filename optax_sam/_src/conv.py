@@ -267,20 +267,16 @@ def conv_general_dilated(
 
     nn.Conv(64, (3, 3), conv_general_dilated=optax_sam.conv_general_dilated)
   """
-  if out_sharding is not None:
+  plan, _ = _plan(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation,
+                  rhs_dilation, dimension_numbers, feature_group_count,
+                  batch_group_count, precision, preferred_element_type)
+  if (plan is None or out_sharding is not None
+      or not (jnp.issubdtype(lhs.dtype, jnp.floating)
+              and lhs.dtype == rhs.dtype)):
     return lax.conv_general_dilated(
         lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
         dimension_numbers, feature_group_count, batch_group_count, precision,
         preferred_element_type, out_sharding=out_sharding)
-  plan, _ = _plan(lhs.shape, rhs.shape, window_strides, padding, lhs_dilation,
-                  rhs_dilation, dimension_numbers, feature_group_count,
-                  batch_group_count, precision, preferred_element_type)
-  if plan is None or not (jnp.issubdtype(lhs.dtype, jnp.floating)
-                          and lhs.dtype == rhs.dtype):
-    return lax.conv_general_dilated(
-        lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
-        dimension_numbers, feature_group_count, batch_group_count, precision,
-        preferred_element_type)
   out = _canonical_conv(_transpose(lhs, plan.lhs_perm),
                         _transpose(rhs, plan.rhs_perm), plan.cfg)
   return _transpose(out, plan.out_perm)
@@ -406,7 +402,7 @@ def forward_form_convs(fn: Callable[..., Any]) -> Callable[..., Any]:
     closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*dyn)
     if not _has_conv(closed.jaxpr):
       return fn(*args, **kwargs)
-    out = _eval(closed.jaxpr, closed.consts, jax.tree.leaves(dyn))
+    out = _eval(closed.jaxpr, closed.consts, dyn)
     return jax.tree.unflatten(jax.tree.structure(out_shape), out)
 
   return wrapped
