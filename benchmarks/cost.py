@@ -384,7 +384,7 @@ def executor_programs(problem: Problem, conv_backward: str,
   sub = f"{groups.names[suffix_start]}.."  # groups suffix_start..output
   add(f"static[{sub}]", optax_sam.sam(base(), rho=0.05, perturb=mask))
   for ex in ("switch", "dense", "specialize"):
-    tx = optax_sam.selective_sam(base(), optax_sam.fixed(flags), rho=0.05,
+    tx = optax_sam.selective_sam(base(), optax_sam.policies.fixed(flags), rho=0.05,
                                  executor=ex, labels=problem.labels)
     extra = {"static_selection": flags} if ex == "specialize" else {}
     add(f"{ex}[{sub}]", tx, **extra)

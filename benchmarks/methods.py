@@ -6,9 +6,9 @@ used in the recorded figures; any other name is looked up in ``optax_sam``
 (``optax_sam.<name>(base, **hparams)``), so a new method plugs in without
 editing the harness.
 
-Methods whose executor needs the host loop (``specialize``) return their
-selection policy too; the harness then drives them with
-``optax_sam.SpecializedStep``.
+Methods driven from the host loop (``specialized``) run under
+``optax_sam.SpecializedStep``; a method with a layer policy returns it too,
+so the cost harness knows its programs are per selection.
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ class Method(NamedTuple):
   """A built method.
 
   ``specialized``: drive with ``optax_sam.SpecializedStep`` (one program per
-  static decision: a layer selection, or recompute/reuse), passing
-  ``policy`` when there is one.
+  static decision: a layer selection, or recompute/reuse); ``policy``: the
+  layer policy, when the method has one.
   """
   tx: optax.GradientTransformationExtraArgs
-  policy: Optional[optax_sam.Policy] = None
+  policy: Optional[optax_sam.policies.Policy] = None
   hparams: dict[str, Any] = {}
   specialized: bool = False
 
@@ -62,22 +62,28 @@ def _asam(base, rho=0.5, eta=0.01, **hp):
 
 
 @register("layerwise_sam")
-def _layerwise(base, rho=0.05, num_layers=2, interval=100,
+def _layerwise(base, rho=0.05, num_layers=2, every=100,
                executor="specialize", labels=None, **hp):
   # The recorded figures drive the 'specialize' executor from the host loop
   # (exact cost per held selection). Since make_update's conv_backward="auto"
-  # the default 'switch' runs conv nets as fast on the CPU (README); pass
-  # executor="switch" to measure it.
+  # the default executor runs conv nets as fast on the CPU (README); pass
+  # executor="auto" to measure it.
   tx = optax_sam.layerwise_sam(base, rho=rho, num_layers=num_layers,
-                               interval=interval, executor=executor,
+                               every=every, executor=executor,
                                labels=labels, **hp)
-  policy = (optax_sam.layerwise_policy(
-      num_layers, interval, **{k: hp[k] for k in ("statistic", "ema",
-                                                   "initial") if k in hp})
-            if executor == "specialize" else None)
+  policy = optax_sam.policies.layerwise_policy(
+      num_layers, every, **{k: hp[k] for k in ("statistic", "ema", "initial")
+                            if k in hp})
   return Method(tx, policy, dict(rho=rho, num_layers=num_layers,
-                                 interval=interval, executor=executor, **hp),
+                                 every=every, executor=executor, **hp),
                 specialized=executor == "specialize")
+
+
+@register("layerwise_sam_perturbed")
+def _layerwise_perturbed(base, **hp):
+  """layerwise_sam with the other layers descending along the gradient at
+  the perturbed point (the library's 0.1 behaviour)."""
+  return _layerwise(base, unselected="perturbed", **hp)
 
 
 # ARSAM and LookSAM branch with lax.cond; the recorded figures run each
@@ -92,9 +98,10 @@ def _arsam(base, rho=0.05, driver="host", **hp):
 
 
 @register("looksam")
-def _looksam(base, rho=0.05, k=5, alpha=0.7, driver="host", **hp):
-  return Method(optax_sam.looksam(base, rho=rho, k=k, alpha=alpha, **hp),
-                None, dict(rho=rho, k=k, alpha=alpha, driver=driver, **hp),
+def _looksam(base, rho=0.05, every=5, alpha=0.7, driver="host", **hp):
+  return Method(optax_sam.looksam(base, rho=rho, every=every, alpha=alpha,
+                                  **hp), None,
+                dict(rho=rho, every=every, alpha=alpha, driver=driver, **hp),
                 specialized=driver == "host")
 
 
@@ -109,7 +116,7 @@ def build(name: str, base: optax.GradientTransformation,
           labels: Any = None, **hparams) -> Method:
   """The method ``name`` around ``base`` (see the module docstring)."""
   if name in _REGISTRY:
-    if name in ("layerwise_sam", "lagnp"):
+    if name in ("layerwise_sam", "lagnp", "layerwise_sam_perturbed"):
       hparams.setdefault("labels", labels)
     return _REGISTRY[name](base, **hparams)
   factory = getattr(optax_sam, name, None)

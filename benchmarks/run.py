@@ -172,13 +172,7 @@ def program_weights(built: dict[str, methods_lib.Method], params,
   out: dict[str, list[Branch]] = {}
   for name, m in built.items():
     mine = [r for r in runs if r["method"] == name]
-    if m.specialized and hasattr(m.tx.init(params), "next_recompute"):
-      f = (float(np.mean([r["recompute_fraction"] for r in mine]))
-           if mine else None)
-      out[name] = [("recompute", {"static_recompute": True}, f),
-                   ("reuse", {"static_recompute": False},
-                    None if f is None else 1.0 - f)]
-    elif m.policy is not None:
+    if m.policy is not None:
       counts = cost_lib.held_selections(mine)
       if not counts:
         sel0 = m.policy.init(groups.num_groups, None).selection
@@ -188,6 +182,12 @@ def program_weights(built: dict[str, methods_lib.Method], params,
           ("+".join(n for n, f in zip(groups.names, flags) if f),
            {"static_selection": flags}, c / total)
           for flags, c in sorted(counts.items(), key=lambda kv: -kv[1])]
+    elif m.specialized:
+      f = (float(np.mean([r["recompute_fraction"] for r in mine]))
+           if mine else None)
+      out[name] = [("recompute", {"static_recompute": True}, f),
+                   ("reuse", {"static_recompute": False},
+                    None if f is None else 1.0 - f)]
     else:
       out[name] = [(None, {}, 1.0)]
   return out
@@ -225,8 +225,9 @@ def measure_cost(task: train_lib.Task, built: dict[str, methods_lib.Method],
       rows[key] = cost_lib.compiled_cost(bound, params, state, x, y)
       rows[key]["state_bytes"] = _state_bytes(state)
       if "static_selection" in extra:
-        rows[key]["ascent_active"] = optax_sam.mask_fraction(
-            groups.mask_from_flags(extra["static_selection"]), params)
+        rows[key]["ascent_active"] = sum(
+            s for f, s in zip(extra["static_selection"], groups.sizes)
+            if f) / sum(groups.sizes)
       steps[key] = jax.jit(bound)
       init[key] = (params, state)
   times = cost_lib.interleaved_times(steps, init, (x, y), rounds=rounds,

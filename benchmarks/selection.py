@@ -56,7 +56,7 @@ def run(problem: cost_lib.Problem, batches, *, steps: int, every: int, k: int,
   switch_steps = steps if switch_steps is None else switch_steps
   groups = problem.groups
   base = lambda: optax.sgd(lr, momentum=0.9)
-  policy = optax_sam.reselect_every(optax_sam.top_k(k), every)
+  policy = optax_sam.policies.reselect_every(optax_sam.policies.top_k(k), every)
   dyn = {ex: optax_sam.selective_sam(base(), policy, rho=rho, executor=ex,
                                      labels=problem.labels, seed=seed)
          for ex in ("switch", "specialize")}
@@ -137,7 +137,7 @@ def run(problem: cost_lib.Problem, batches, *, steps: int, every: int, k: int,
         lambda p, s, *b: spec_train(p, s, *b, static_selection=flags),
         problem.params, spec_state, *problem.batch)
 
-  menu = optax_sam.depth_menu(groups.num_groups)
+  menu = optax_sam.executors.depth_menu(groups.num_groups)
   branch_of = [int(menu.cover(jnp.asarray(f))) for f in trace]
   branch_counts = np.bincount(branch_of, minlength=len(menu.entries))
   branches = []

@@ -10,6 +10,7 @@ import optax
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
+import optax_sam
 import reference
 from benchmarks import cost as cost_lib
 
@@ -144,3 +145,20 @@ def shard_map_train(step, steps=1, check_vma=True):
     return q
 
   return train
+
+
+def selective(optimizer, policy, *, restrict_descent=False, **kwargs):
+  """The engine with a run-time policy, unselected layers descending along
+  the perturbed gradient (or 0 with ``restrict_descent``): the 0.1 API's
+  ``selective_sam``."""
+  return optax_sam.sharpness_aware(
+      optimizer, policy=policy,
+      unselected="zero" if restrict_descent else "perturbed", **kwargs)
+
+
+def reuse(optimizer, schedule, mixer, **kwargs):
+  """The engine with a recompute schedule and a mixer (0.1's ``reuse_sam``)."""
+  if "perturb" in kwargs:
+    kwargs["mask"] = kwargs.pop("perturb")
+  return optax_sam.sharpness_aware(optimizer, schedule=schedule, mixer=mixer,
+                                   **kwargs)

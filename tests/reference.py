@@ -133,35 +133,68 @@ def top_k_layers(g, k, layers=LAYERS):
 
 
 def run_top_k_momentum(p, x, y, steps, lr, momentum, rho, k, interval=1,
-                       alpha=1.0, restrict_descent=False):
-  """Trajectory of top-k layer-selective SAM with optax.sgd(lr, momentum).
+                       alpha=1.0, restrict_descent=False,
+                       unselected=None):
+  """Trajectory of top-k layer-selective SAM with optax.sgd(lr, momentum):
+  :func:`run_composed_momentum` recomputing every step. Returns (params
+  after each step, the selection each step used)."""
+  if unselected is None:
+    unselected = "zero" if restrict_descent else "perturbed"
+  out, sels, _ = run_composed_momentum(
+      p, x, y, steps, lr, momentum, rho, k=k, interval=interval, alpha=alpha,
+      unselected=unselected)
+  return out, sels
 
-  SAM's ascent on the selected layers (the last ``k`` at first); on them the
-  descent gradient is ``(1 - alpha) g + alpha g_adv``, on the others
-  ``g_adv`` (0 with ``restrict_descent``). After every ``interval`` steps the
-  selection becomes :func:`top_k_layers` of that step's descent gradient.
-  Returns (params after each step, the selection each step used).
+
+def run_composed_momentum(p, x, y, steps, lr, momentum, rho, *, k=None,
+                          interval=1, alpha=1.0, unselected="perturbed",
+                          decide=None, store=None, mix=None):
+  """Trajectory of the engine's compositions with optax.sgd(lr, momentum).
+
+  Layer selection: the last ``k`` layers at first (every layer when ``k``
+  is None); after every ``interval`` steps the :func:`top_k_layers` of the
+  clean gradient (``unselected="clean"``) or of the descent gradient
+  (otherwise). A recompute step (``decide(t)``, always when None; the first
+  step always) perturbs the selected layers by SAM's ``eps``; the selected
+  layers descend along ``(1 - alpha) g + alpha g_adv``, the others along
+  ``g`` ("clean"), ``g_adv`` ("perturbed") or 0 ("zero"); ``store(g,
+  descent)`` is kept. A reuse step descends along ``mix(g, stored, age)``
+  (0 outside the selection with "zero"). Returns (params after each step,
+  selections, decisions).
   """
   p = tmap(lambda a: a.astype(np.float64), p)
   trace = tmap(np.zeros_like, p)
-  selected = LAYERS[len(LAYERS) - k:]
-  out, sels = [], []
+  selected = LAYERS if k is None else LAYERS[len(LAYERS) - k:]
+  stored, age, n_rec = None, 0, 0
+  out, sels, decisions = [], [], []
   for t in range(steps):
     sels.append(tuple(selected))
     _, g = loss_and_grad(p, x, y)
-    eps = sam_eps(g, rho, layers=selected)
-    _, g_adv = loss_and_grad(tmap(np.add, p, eps), x, y)
-    final = {n: {m: ((1 - alpha) * g[n][m] + alpha * g_adv[n][m]
-                     if n in selected else
-                     np.zeros_like(g_adv[n][m]) if restrict_descent else
-                     g_adv[n][m]) for m in g[n]}
-             for n in g}
-    if (t + 1) % interval == 0:
-      selected = top_k_layers(final, k)
-    trace = tmap(lambda gg, tr: gg + momentum * tr, final, trace)
+    rec = decide is None or bool(decide(t)) or n_rec == 0
+    decisions.append(rec)
+    if rec:
+      eps = sam_eps(g, rho, layers=selected)
+      _, g_adv = loss_and_grad(tmap(np.add, p, eps), x, y)
+      other = {"clean": g, "perturbed": g_adv,
+               "zero": tmap(np.zeros_like, g)}[unselected]
+      descent = {n: {m: ((1 - alpha) * g[n][m] + alpha * g_adv[n][m]
+                         if n in selected else other[n][m]) for m in g[n]}
+                 for n in g}
+      if store is not None:
+        stored, age = store(g, descent), 0
+      n_rec += 1
+    else:
+      age += 1
+      descent = mix(g, stored, age)
+      if unselected == "zero":
+        descent = {n: {m: (v if n in selected else np.zeros_like(v))
+                       for m, v in descent[n].items()} for n in descent}
+    if k is not None and (t + 1) % interval == 0:
+      selected = top_k_layers(g if unselected == "clean" else descent, k)
+    trace = tmap(lambda gg, tr: gg + momentum * tr, descent, trace)
     p = tmap(lambda a, tr: a - lr * tr, p, trace)
     out.append(p)
-  return out, sels
+  return out, sels, decisions
 
 
 # --- Reuse methods (LookSAM, ARSAM): added for test_looksam / test_arsam. ---

@@ -43,7 +43,7 @@ def _psf_reference(p, x, y, steps, decide, decay=0.7, horizon=6,
 def test_adaptive_arsam_matches_numpy_reference(path, jit, steps):
   p, x, y = setup()
   tx = optax_sam.arsam(optax.sgd(LR, momentum=MOM), rho=RHO, seed=SEED,
-                       schedule=optax_sam.recompute_adaptive(**ADAPTIVE))
+                       schedule=optax_sam.schedules.recompute_adaptive(**ADAPTIVE))
   got, states = run_steps(tx, to_jax(p), rolling_batches(x, y), path, steps,
                           jit)
   sched = reference.AdaptiveScheduleRef(_uniforms(SEED, steps), **{
@@ -70,7 +70,7 @@ def test_psf_mixing_matches_reference(decay, horizon):
   p, x, y = setup(2)
   tx = optax_sam.arsam(optax.sgd(LR, momentum=MOM), rho=RHO, decay=decay,
                        horizon=horizon,
-                       schedule=optax_sam.recompute_every(5))
+                       schedule=optax_sam.schedules.recompute_every(5))
   got, states = run_steps(tx, to_jax(p), rolling_batches(x, y), "c2", 11)
   want, decisions = _psf_reference(p, x, y, 11, lambda t: t % 5 == 0,
                                    decay, horizon)
@@ -84,7 +84,7 @@ def test_bernoulli_schedule_matches_reference():
   p, x, y = setup(1)
   steps, prob = 12, 0.4
   tx = optax_sam.arsam(optax.sgd(LR, momentum=MOM), rho=RHO, seed=SEED,
-                       schedule=optax_sam.recompute_with_probability(prob))
+                       schedule=optax_sam.schedules.recompute_with_probability(prob))
   got, states = run_steps(tx, to_jax(p), rolling_batches(x, y), "c1", steps)
   u = _uniforms(SEED, steps)
   want, decisions = _psf_reference(p, x, y, steps, lambda t: u[t] < prob)
@@ -103,12 +103,12 @@ def test_recompute_always_is_sam_exactly(path):
                      params, batches, path, 3)
   static, _ = run_steps(optax_sam.arsam(
       optax.sgd(LR, momentum=MOM), rho=RHO,
-      schedule=optax_sam.recompute_always()), params, batches, path, 3)
+      schedule=optax_sam.schedules.recompute_always()), params, batches, path, 3)
   for a, b in zip(static, sam):
     chex.assert_trees_all_equal(a, b)
   # Dynamic predicates that are always true (a lax.cond in the program):
   # interval 1, and the default adaptive schedule inside its warm-up.
-  for schedule in ((optax_sam.recompute_every(1), None) if path == "c2"
+  for schedule in ((optax_sam.schedules.recompute_every(1), None) if path == "c2"
                    else ()):
     dyn, states = run_steps(
         optax_sam.arsam(optax.sgd(LR, momentum=MOM), rho=RHO,
@@ -121,7 +121,7 @@ def test_recompute_always_is_sam_exactly(path):
 def test_recompute_never_is_the_base_optimizer():
   p, x, y = setup()
   params = to_jax(p)
-  tx = optax_sam.arsam(optax.sgd(LR), schedule=optax_sam.recompute_never())
+  tx = optax_sam.arsam(optax.sgd(LR), schedule=optax_sam.schedules.recompute_never())
   (_, _), u, st = jax.jit(optax_sam.make_update(tx, jax_loss))(
       params, tx.init(params), x, y)
   g = jax.grad(jax_loss)(params, x, y)
@@ -133,7 +133,7 @@ def test_recompute_never_is_the_base_optimizer():
 def test_zero_gradient_gives_finite_updates(path):
   params = {"w": jnp.ones((3,)), "b": jnp.zeros(())}
   zero_loss = lambda q, *_: 0.0 * jnp.sum(q["w"]) + 0.0 * q["b"]
-  tx = optax_sam.arsam(optax.sgd(0.1), schedule=optax_sam.recompute_every(2))
+  tx = optax_sam.arsam(optax.sgd(0.1), schedule=optax_sam.schedules.recompute_every(2))
   state = tx.init(params)
   if path == "c2":
     step = jax.jit(optax_sam.make_update(tx, zero_loss))
@@ -152,7 +152,7 @@ def test_zero_gradient_gives_finite_updates(path):
 def test_adaptive_schedule_stays_finite_on_zero_and_tiny_gradients(scale):
   params = {"w": jnp.ones((3,))}
   loss = lambda q: scale * jnp.sum(q["w"])
-  tx = optax_sam.arsam(optax.sgd(0.1), schedule=optax_sam.recompute_adaptive(
+  tx = optax_sam.arsam(optax.sgd(0.1), schedule=optax_sam.schedules.recompute_adaptive(
       window=4, blocks=2, warmup_steps=2))
   step = jax.jit(optax_sam.make_update(tx, loss))
   state = tx.init(params)
@@ -177,19 +177,19 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match="horizon"):
     optax_sam.arsam(sgd, horizon=-1)
   with pytest.raises(ValueError, match="window"):
-    optax_sam.recompute_adaptive(window=1)
+    optax_sam.schedules.recompute_adaptive(window=1)
   with pytest.raises(ValueError, match="blocks"):
-    optax_sam.recompute_adaptive(window=6, blocks=4)
+    optax_sam.schedules.recompute_adaptive(window=6, blocks=4)
   with pytest.raises(ValueError, match="max_fraction"):
-    optax_sam.recompute_adaptive(max_fraction=1.5)
+    optax_sam.schedules.recompute_adaptive(max_fraction=1.5)
   with pytest.raises(ValueError, match="init_rate"):
-    optax_sam.recompute_adaptive(init_rate=0.5)
+    optax_sam.schedules.recompute_adaptive(init_rate=0.5)
   with pytest.raises(ValueError, match="gains"):
-    optax_sam.recompute_adaptive(gains=(0.1,))
+    optax_sam.schedules.recompute_adaptive(gains=(0.1,))
   with pytest.raises(ValueError, match="warmup_steps"):
-    optax_sam.recompute_adaptive(warmup_steps=-3)
+    optax_sam.schedules.recompute_adaptive(warmup_steps=-3)
   with pytest.raises(ValueError, match="p must"):
-    optax_sam.recompute_with_probability(1.2)
+    optax_sam.schedules.recompute_with_probability(1.2)
   params = {"w": jnp.ones(2)}
   tx = optax_sam.arsam(sgd)
   with pytest.raises(ValueError, match="grad_fn"):
@@ -200,7 +200,7 @@ def test_rho_schedule_follows_the_step_count():
   params = {"w": jnp.ones((3,))}
   loss = lambda q: jnp.sum(q["w"] ** 2)
   tx = optax_sam.arsam(optax.sgd(0.1), rho=optax.linear_schedule(0.1, 0.0, 10),
-                       schedule=optax_sam.recompute_every(3))
+                       schedule=optax_sam.schedules.recompute_every(3))
   step = jax.jit(optax_sam.make_update(tx, loss))
   state = tx.init(params)
   for _ in range(5):
@@ -213,7 +213,7 @@ def test_no_recompilation_and_bf16_dtype():
   p, x, y = setup()
   params = to_jax(p, jnp.bfloat16)
   tx = optax_sam.arsam(optax.sgd(LR, momentum=MOM),
-                       schedule=optax_sam.recompute_every(2))
+                       schedule=optax_sam.schedules.recompute_every(2))
   step = jax.jit(chex.assert_max_traces(optax_sam.make_update(
       tx, lambda q, xb, yb: jax_loss(q, xb, yb).astype(jnp.float32)), n=1))
   state = tx.init(params)
@@ -232,7 +232,7 @@ def test_no_recompilation_and_bf16_dtype():
 def test_inject_hyperparams(factory):
   p, x, y = setup()
   params = to_jax(p)
-  kw = {"schedule": optax_sam.recompute_every(2)} if (
+  kw = {"schedule": optax_sam.schedules.recompute_every(2)} if (
       factory is optax_sam.arsam) else {"k": 2}
   static = ("schedule",) if factory is optax_sam.arsam else ()
   injected = optax.inject_hyperparams(factory, static_args=static)(
@@ -254,7 +254,7 @@ def _drive(schedule, steps, psf_norm):
   for t in range(steps):
     rec = decide(state)
     rates.append(float(state.rate))
-    stats = optax_sam.ReuseStats(jnp.float32(psf_norm(t)), jnp.float32(1.0))
+    stats = optax_sam.schedules.ReuseStats(jnp.float32(psf_norm(t)), jnp.float32(1.0))
     state = update(state, rec, stats)
     decisions.append(bool(rec))
   return decisions, rates
@@ -263,7 +263,7 @@ def _drive(schedule, steps, psf_norm):
 @pytest.mark.parametrize("trend", [1.5, 0.5])
 def test_adaptive_quota_per_window_and_rate_follows_trend(trend):
   window, warmup = 10, 10
-  schedule = optax_sam.recompute_adaptive(
+  schedule = optax_sam.schedules.recompute_adaptive(
       window=window, blocks=2, max_fraction=0.8, gains=(0.5, 0.0),
       init_rate=3.0, warmup_steps=warmup)
   decisions, rates = _drive(schedule, warmup + 6 * window,
@@ -281,9 +281,9 @@ def test_adaptive_quota_per_window_and_rate_follows_trend(trend):
 
 
 def test_probability_schedule_is_deterministic_per_seed():
-  sched = optax_sam.recompute_with_probability(0.3)
+  sched = optax_sam.schedules.recompute_with_probability(0.3)
   state = sched.init(jax.random.PRNGKey(7))
-  stats = optax_sam.ReuseStats(jnp.float32(0), jnp.float32(0))
+  stats = optax_sam.schedules.ReuseStats(jnp.float32(0), jnp.float32(0))
   out = []
   for _ in range(400):
     out.append(bool(sched.decide(state)))
@@ -308,10 +308,10 @@ def test_cond_predicate_is_the_states_next_recompute():
 
 
 @pytest.mark.parametrize("schedule", [
-    optax_sam.recompute_with_probability(0.3),
-    optax_sam.recompute_adaptive(**ADAPTIVE)], ids=["probability", "adaptive"])
+    optax_sam.schedules.recompute_with_probability(0.3),
+    optax_sam.schedules.recompute_adaptive(**ADAPTIVE)], ids=["probability", "adaptive"])
 def test_schedules_take_typed_and_raw_keys(schedule):
-  stats = optax_sam.ReuseStats(jnp.float32(1), jnp.float32(2))
+  stats = optax_sam.schedules.ReuseStats(jnp.float32(1), jnp.float32(2))
   runs = []
   for key in (jax.random.PRNGKey(7), jax.random.key(7)):
     state = schedule.init(key)
@@ -326,7 +326,7 @@ def test_schedules_take_typed_and_raw_keys(schedule):
 def test_arsam_seed_may_be_a_typed_or_raw_key():
   p, x, y = setup()
   params = to_jax(p)
-  sched = optax_sam.recompute_with_probability(0.5)
+  sched = optax_sam.schedules.recompute_with_probability(0.5)
   runs = []
   for seed in (SEED, jax.random.PRNGKey(SEED), jax.random.key(SEED)):
     tx = optax_sam.arsam(optax.sgd(LR), rho=RHO, schedule=sched, seed=seed)
@@ -341,7 +341,7 @@ def test_engine_counters_saturate_instead_of_wrapping():
   p, x, y = setup()
   params = to_jax(p)
   tx = optax_sam.arsam(optax.sgd(LR), rho=RHO,
-                       schedule=optax_sam.recompute_every(2))
+                       schedule=optax_sam.schedules.recompute_every(2))
   step = jax.jit(optax_sam.make_update(tx, jax_loss))
   big = jnp.asarray(np.iinfo(np.int32).max, jnp.int32)
   state = tx.init(params)
@@ -402,9 +402,9 @@ def _ratio(mlp, tx):
 def test_branch_flops(mlp):
   sgd = optax.sgd(0.1)
   reuse = _ratio(mlp, optax_sam.arsam(
-      sgd, schedule=optax_sam.recompute_never()))
+      sgd, schedule=optax_sam.schedules.recompute_never()))
   recompute = _ratio(mlp, optax_sam.arsam(
-      sgd, schedule=optax_sam.recompute_always()))
+      sgd, schedule=optax_sam.schedules.recompute_always()))
   sam = _ratio(mlp, optax_sam.sam(sgd))
   dynamic = _ratio(mlp, optax_sam.arsam(sgd))
   assert 0.98 < reuse < 1.05
@@ -433,7 +433,7 @@ def test_pmap_replicas_identical_and_match_reference(sync_ascent):
   steps = 7
   tx = optax_sam.arsam(optax.sgd(LR), rho=RHO, seed=SEED, axis_name="dev",
                        sync_ascent=sync_ascent,
-                       schedule=optax_sam.recompute_adaptive(**ADAPTIVE))
+                       schedule=optax_sam.schedules.recompute_adaptive(**ADAPTIVE))
   train = jax.pmap(optax_sam.make_update(tx, jax_loss), axis_name="dev")
   params = to_jax(p)
   out, st = replicate(params), replicate(tx.init(params))
@@ -464,7 +464,7 @@ def test_pmap_replicas_identical_and_match_reference(sync_ascent):
 def test_shard_map_matches_reference():
   p, x, y = device_data()
   tx = optax_sam.arsam(optax.sgd(LR), rho=RHO, axis_name="dev",
-                       schedule=optax_sam.recompute_every(2))
+                       schedule=optax_sam.schedules.recompute_every(2))
   train = shard_map_train(optax_sam.make_update(tx, jax_loss), steps=3)
   params = to_jax(p)
   out = train(params, tx.init(params), stack(x), stack(y))

@@ -9,7 +9,7 @@ import pytest
 
 import optax_sam
 import reference
-from _util import assert_trees_close, jax_loss, setup, to_jax
+from _util import selective, assert_trees_close, jax_loss, setup, to_jax
 
 
 def _c2_steps(tx, params, x, y, steps=3, **extra):
@@ -66,15 +66,20 @@ def test_inject_hyperparams_rho_and_learning_rate():
 @pytest.mark.parametrize("factory, kwargs", [
     (optax_sam.sam, {}),
     (optax_sam.asam, {"eta": 0.02}),
-    (optax_sam.layerwise_sam, {"num_layers": 1, "interval": 1, "ema": 0.5,
+    (optax_sam.layerwise_sam, {"num_layers": 1, "every": 1, "ema": 0.5,
                                "alpha": 0.5}),
-    (optax_sam.selective_sam, {"policy": optax_sam.top_k(1)}),
-    (optax_sam.selective_sam, {"policy": optax_sam.random_k(1), "seed": 2,
-                               "restrict_descent": True}),
+    (optax_sam.layerwise_sam, {
+        "num_layers": 1, "every": 2,
+        "schedule": optax_sam.schedules.recompute_every(2)}),
+    (optax_sam.sharpness_aware, {"policy": optax_sam.policies.top_k(1)}),
+    (optax_sam.sharpness_aware, {"policy": optax_sam.policies.random_k(1),
+                                 "seed": 2, "unselected": "zero"}),
     (optax_sam.arsam, {"decay": 0.5}),
-    (optax_sam.looksam, {"k": 2, "alpha": 0.5}),
-], ids=["sam", "asam", "layerwise_sam", "selective_sam",
-        "selective_sam_random_k", "arsam", "looksam"])
+    (optax_sam.arsam, {"policy": optax_sam.policies.top_k(1)}),
+    (optax_sam.looksam, {"every": 2, "alpha": 0.5}),
+], ids=["sam", "asam", "layerwise_sam", "layerwise_sam_reuse",
+        "policy_top_k", "policy_random_k", "arsam", "arsam_top_k",
+        "looksam"])
 def test_every_factory_works_under_inject_hyperparams(factory, kwargs):
   # No static_args: integer and checked arguments arrive as (traced) arrays.
   p, x, y = setup()
@@ -94,7 +99,7 @@ def test_inject_hyperparams_still_checks_arguments_at_init():
       (optax_sam.layerwise_sam, {"num_layers": 0}, "num_layers"),
       (optax_sam.layerwise_sam, {"alpha": 1.5}, "alpha"),
       (optax_sam.asam, {"eta": -1.0}, "eta"),
-      (optax_sam.looksam, {"k": 0}, "k must"),
+      (optax_sam.looksam, {"every": 0}, "every must"),
       (optax_sam.sam, {"rho": -0.1}, "rho")]:
     tx = optax.inject_hyperparams(factory)(optax.sgd(0.1), **kwargs)
     with pytest.raises(ValueError, match=match):
@@ -170,7 +175,7 @@ def test_bad_rho_raises_at_construction(factory, rho):
 @pytest.mark.parametrize("factory", [
     optax_sam.sam, optax_sam.asam, optax_sam.layerwise_sam, optax_sam.arsam,
     optax_sam.looksam,
-    lambda opt, rho: optax_sam.selective_sam(opt, optax_sam.top_k(1),
+    lambda opt, rho: selective(opt, optax_sam.policies.top_k(1),
                                              rho=rho),
 ], ids=["sam", "asam", "layerwise_sam", "arsam", "looksam", "selective_sam"])
 def test_non_finite_rho_raises_at_construction(factory, rho):
@@ -269,8 +274,8 @@ def _int_params():
         "aux_unexpected", "int_leaves"])
 @pytest.mark.parametrize("make_tx", [
     lambda: optax_sam.sam(optax.sgd(0.1)),
-    lambda: optax_sam.selective_sam(optax.sgd(0.1), optax_sam.top_k(1)),
-    lambda: optax_sam.looksam(optax.sgd(0.1), k=2),
+    lambda: selective(optax.sgd(0.1), optax_sam.policies.top_k(1)),
+    lambda: optax_sam.looksam(optax.sgd(0.1), every=2),
 ], ids=["sam", "selective_sam", "looksam"])
 def test_errors_inside_a_pass_are_not_reported_as_undriven(
     make_tx, loss_fn, has_aux, params, error, match):

@@ -5,6 +5,8 @@ import numpy as np
 import pytest
 
 import optax_sam
+from optax_sam._src.groups import mask_fraction
+
 
 
 def _params():
@@ -54,7 +56,7 @@ def test_mask_from_names_and_positions():
   assert m["params"]["Dense_2"]["kernel"] is True
   assert m["scale"] is True
   assert m["params"]["Dense_0"]["kernel"] is False
-  frac = optax_sam.mask_fraction(m, _params())
+  frac = mask_fraction(m, _params())
   np.testing.assert_allclose(frac, 10 / 33)
   with pytest.raises(ValueError, match="unknown layer group"):
     g.mask(["nope"])

@@ -9,7 +9,8 @@ import pytest
 
 import optax_sam
 import reference
-from optax_sam._src import layerwise, selective
+from optax_sam._src import engine, layerwise
+
 from _util import (assert_trees_close, deep_mlp, flops, jax_loss, run_steps,
                    setup, to_jax)
 
@@ -27,18 +28,23 @@ def _run(tx, p, x, y, steps, path="c2", jit=True):
   return out, sels, states[-1]
 
 
-@pytest.mark.parametrize("alpha, interval, path, jit", [
-    (1.0, 1, "c2", True), (1.0, 2, "c1", True), (0.5, 2, "c2", False),
-    (0.3, 3, "c2", True)])
-def test_matches_numpy_reference(alpha, interval, path, jit):
+@pytest.mark.parametrize("alpha, every, path, jit, unselected", [
+    (1.0, 1, "c2", True, "clean"), (1.0, 2, "c1", True, "clean"),
+    (0.5, 2, "c2", False, "clean"), (0.3, 3, "c2", True, "clean"),
+    (1.0, 1, "c2", True, "perturbed"), (0.5, 2, "c1", False, "perturbed"),
+    (1.0, 1, "c2", True, "zero")])
+def test_matches_numpy_reference(alpha, every, path, jit, unselected):
   p, x, y = setup(0)
   tx = optax_sam.layerwise_sam(optax.sgd(LR, momentum=MOM), rho=RHO,
-                               num_layers=1, interval=interval, alpha=alpha)
+                               num_layers=1, every=every, alpha=alpha,
+                               unselected=unselected)
   got, sels, _ = _run(tx, p, x, y, 7, path, jit)
   want, want_sels = reference.run_top_k_momentum(
-      p, x, y, 7, LR, MOM, RHO, 1, interval=interval, alpha=alpha)
+      p, x, y, 7, LR, MOM, RHO, 1, interval=every, alpha=alpha,
+      unselected=unselected)
   assert sels == want_sels
-  assert len(set(want_sels)) > 1, "the selection should change"
+  if unselected != "zero":  # top_k never sees an unselected layer's norm
+    assert len(set(want_sels)) > 1, "the selection should change"
   for a, b in zip(got, want):
     assert_trees_close(a, b, rtol=2e-5, atol=2e-6)
 
@@ -46,7 +52,7 @@ def test_matches_numpy_reference(alpha, interval, path, jit):
 def test_all_layers_is_sam_exactly():
   p, x, y = setup(1)
   lw = optax_sam.lagnp(optax.sgd(LR, momentum=MOM), rho=RHO, num_layers=2,
-                       interval=1)
+                       every=1)
   sam = optax_sam.sam(optax.sgd(LR, momentum=MOM), rho=RHO)
   a, _, _ = _run(lw, p, x, y, 5)
   params, state = to_jax(p), sam.init(to_jax(p))
@@ -88,7 +94,7 @@ def test_output_side_selection_costs_about_one_sgd_step():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(num_layers=0), "num_layers"), (dict(interval=0), "interval"),
+    (dict(num_layers=0), "num_layers"), (dict(every=0), "every"),
     (dict(alpha=1.5), "alpha"), (dict(rho=-0.1), "rho")])
 def test_bad_input(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -103,8 +109,22 @@ def test_too_many_layers_errors_at_init():
 
 def test_the_kdd_paper_is_cited_with_one_year():
   years = set()
-  for module in (layerwise, selective):
+  for module in (layerwise, engine):
     found = re.findall(r"2503\.14205>`_, KDD (\d{4})", module.__doc__)
     assert found, module.__name__
     years.update(found)
   assert years == {"2024"}
+
+
+def test_interval_is_a_deprecated_name_of_every():
+  p, x, y = setup(0)
+  with pytest.warns(DeprecationWarning, match="every"):
+    old = optax_sam.layerwise_sam(optax.sgd(LR), num_layers=1, interval=2)
+  new = optax_sam.layerwise_sam(optax.sgd(LR), num_layers=1, every=2)
+  a, sa, _ = _run(old, p, x, y, 4)
+  b, sb, _ = _run(new, p, x, y, 4)
+  assert sa == sb
+  for u, v in zip(a, b):
+    assert_trees_close(u, v, rtol=0, atol=0)
+  with pytest.raises(TypeError, match="both"):
+    optax_sam.layerwise_sam(optax.sgd(LR), every=2, interval=2)

@@ -8,7 +8,7 @@ import pytest
 
 import optax_sam
 import reference
-from _util import (assert_trees_close, deep_mlp, device_data, flops,
+from _util import (reuse, assert_trees_close, deep_mlp, device_data, flops,
                    jax_loss, replicate, rolling_batches, run_steps, setup,
                    shards, stack, to_jax, to_np)
 
@@ -30,7 +30,7 @@ def _reference(p, x, y, steps, k, alpha, groups=None, batches=None,
     ("c1", True, 8), ("c2", True, 8), ("c2", False, 3)])
 def test_looksam_matches_numpy_reference(path, jit, steps):
   p, x, y = setup()
-  tx = optax_sam.looksam(optax.sgd(LR, momentum=MOM), rho=RHO, k=3,
+  tx = optax_sam.looksam(optax.sgd(LR, momentum=MOM), rho=RHO, every=3,
                          alpha=0.7)
   got, states = run_steps(tx, to_jax(p), rolling_batches(x, y), path, steps,
                           jit)
@@ -43,7 +43,7 @@ def test_looksam_matches_numpy_reference(path, jit, steps):
 
 def test_per_layer_variant_matches_reference():
   p, x, y = setup(4)
-  tx = optax_sam.looksam(optax.sgd(LR, momentum=MOM), rho=RHO, k=2,
+  tx = optax_sam.looksam(optax.sgd(LR, momentum=MOM), rho=RHO, every=2,
                          alpha=1.3, per_layer=True)
   got, _ = run_steps(tx, to_jax(p), rolling_batches(x, y), "c2", 5)
   want, _ = _reference(p, x, y, 5, 2, 1.3, groups=[("hidden",), ("out",)])
@@ -56,7 +56,7 @@ def test_per_layer_variant_matches_reference():
 def test_stored_component_is_orthogonal_to_the_gradient():
   p, x, y = setup()
   params = to_jax(p)
-  tx = optax_sam.looksam(optax.sgd(LR), rho=0.5, k=4)
+  tx = optax_sam.looksam(optax.sgd(LR), rho=0.5, every=4)
   _, _, state = jax.jit(optax_sam.make_update(tx, jax_loss))(
       params, tx.init(params), x, y)
   g = to_np(jax.grad(jax_loss)(params, x, y))
@@ -74,7 +74,7 @@ def test_k1_is_sam(path):
   sam, _ = run_steps(optax_sam.sam(optax.sgd(LR, momentum=MOM), rho=RHO),
                      params, batches, path, 3)
   look, states = run_steps(optax_sam.looksam(optax.sgd(LR, momentum=MOM),
-                                             rho=RHO, k=1),
+                                             rho=RHO, every=1),
                            params, batches, path, 3)
   assert all(bool(s.recomputed) for s in states)
   for a, b in zip(look, sam):
@@ -87,7 +87,7 @@ def test_zero_gradient_gives_finite_updates(path):
   zero_loss = lambda q, *_: 0.0 * jnp.sum(q["w"]) + 0.0 * q["b"]
   tiny_loss = lambda q, *_: 1e-30 * jnp.sum(q["w"]) + 1e-30 * q["b"]
   for loss_fn in (zero_loss, tiny_loss):
-    tx = optax_sam.looksam(optax.sgd(0.1), k=2, per_layer=True)
+    tx = optax_sam.looksam(optax.sgd(0.1), every=2, per_layer=True)
     state = tx.init(params)
     if path == "c2":
       step = jax.jit(optax_sam.make_update(tx, loss_fn))
@@ -103,10 +103,17 @@ def test_zero_gradient_gives_finite_updates(path):
         assert np.all(np.isfinite(np.asarray(leaf)))
 
 
-@pytest.mark.parametrize("k", [0, -2, 2.5, True, "5"])
-def test_bad_k_raises(k):
-  with pytest.raises(ValueError, match="k must"):
-    optax_sam.looksam(optax.sgd(0.1), k=k)
+@pytest.mark.parametrize("every", [0, -2, 2.5, True, "5"])
+def test_bad_every_raises(every):
+  with pytest.raises(ValueError, match="every must"):
+    optax_sam.looksam(optax.sgd(0.1), every=every)
+
+
+def test_k_is_a_deprecated_name_of_every():
+  with pytest.warns(DeprecationWarning, match="every"):
+    optax_sam.looksam(optax.sgd(0.1), k=3)
+  with pytest.raises(TypeError, match="both"):
+    optax_sam.looksam(optax.sgd(0.1), every=3, k=3)
 
 
 def test_bad_rho_and_alpha_raise():
@@ -127,20 +134,20 @@ def test_compiled_flops_per_branch():
     return flops(optax_sam.make_update(tx, loss), params, tx.init(params),
                  x, x) / sgd
 
-  mixer = optax_sam.orthogonal_mixer(0.7)
-  reuse = ratio(optax_sam.reuse_sam(optax.sgd(0.1),
-                                    optax_sam.recompute_never(), mixer))
-  recompute = ratio(optax_sam.reuse_sam(optax.sgd(0.1),
-                                        optax_sam.recompute_always(), mixer))
-  dynamic = ratio(optax_sam.looksam(optax.sgd(0.1), k=5))
-  assert 0.98 < reuse < 1.06
+  mixer = optax_sam.schedules.orthogonal_mixer(0.7)
+  reused = ratio(reuse(optax.sgd(0.1), optax_sam.schedules.recompute_never(),
+                       mixer))
+  recompute = ratio(reuse(optax.sgd(0.1),
+                          optax_sam.schedules.recompute_always(), mixer))
+  dynamic = ratio(optax_sam.looksam(optax.sgd(0.1), every=5))
+  assert 0.98 < reused < 1.06
   assert 1.95 < recompute < 2.08
   assert 1.95 < dynamic < 2.1  # the costlier branch, clean pass shared
 
 
 def test_pmap_replicas_identical_and_match_reference():
   p, x, y = device_data()
-  tx = optax_sam.looksam(optax.sgd(LR), rho=RHO, k=2, axis_name="dev")
+  tx = optax_sam.looksam(optax.sgd(LR), rho=RHO, every=2, axis_name="dev")
   train = jax.pmap(optax_sam.make_update(tx, jax_loss), axis_name="dev")
   params = to_jax(p)
   q, st = replicate(params), replicate(tx.init(params))
@@ -157,7 +164,7 @@ def test_pmap_replicas_identical_and_match_reference():
 
 def test_docstrings_do_not_credit_per_tensor_projection_to_the_authors():
   # No official LookSAM code exists: the per-group option is the library's.
-  for fn in (optax_sam.looksam, optax_sam.orthogonal_mixer):
+  for fn in (optax_sam.looksam, optax_sam.schedules.orthogonal_mixer):
     doc = " ".join(fn.__doc__.split())
     assert "authors' code" not in doc
     assert "no official looksam code was released" in doc.lower()

@@ -71,7 +71,7 @@ def test_normalize_is_safe(scale, dtype):
   if dtype == jnp.float16 and scale > 1e4:
     pytest.skip("not representable in float16")
   g = {"w": jnp.asarray(np.array([3.0, 4.0]) * scale, dtype)}
-  out = jax.jit(lambda t: _apply(optax_sam.normalize(), t))(g)
+  out = jax.jit(lambda t: _apply(optax_sam.perturbations.normalize(), t))(g)
   assert out["w"].dtype == dtype
   got = np.asarray(out["w"], np.float32)
   assert np.all(np.isfinite(got))
@@ -84,12 +84,12 @@ def test_safe_norm_matches_numpy():
   g = _tree()
   want = np.sqrt(sum(np.sum(v.astype(np.float64) ** 2)
                      for v in jax.tree.leaves(g)))
-  np.testing.assert_allclose(optax_sam.safe_norm(g), want, rtol=1e-6)
-  assert float(optax_sam.safe_norm({"z": jnp.zeros(3)})) == 0.0
+  np.testing.assert_allclose(optax_sam.perturbations.safe_norm(g), want, rtol=1e-6)
+  assert float(optax_sam.perturbations.safe_norm({"z": jnp.zeros(3)})) == 0.0
 
 
 def test_rho_schedule_counts_steps():
-  tx = optax_sam.scale_by_rho(lambda c: 1.0 + c)
+  tx = optax_sam.perturbations.scale_by_rho(lambda c: 1.0 + c)
   g = {"w": jnp.ones(2)}
   state = tx.init(g)
   for want in (1.0, 2.0, 3.0):
@@ -119,10 +119,10 @@ def test_safe_norm_of_tiny_constant_under_jit():
 def test_safe_norm_of_a_non_finite_tree_is_not_finite(bad, want, jit):
   g = _tree()
   g["c"]["w"][1, 0] = bad
-  norm = (jax.jit(optax_sam.safe_norm) if jit else optax_sam.safe_norm)(g)
+  norm = (jax.jit(optax_sam.perturbations.safe_norm) if jit else optax_sam.perturbations.safe_norm)(g)
   np.testing.assert_equal(float(norm), want)
   # Zero and tiny trees stay finite (exactly 0 for zeros).
   zeros = jax.tree.map(np.zeros_like, g)
-  assert float(optax_sam.safe_norm(zeros)) == 0.0
+  assert float(optax_sam.perturbations.safe_norm(zeros)) == 0.0
   tiny = jax.tree.map(lambda x: np.full_like(x, 1e-30), g)
-  assert np.isfinite(float(optax_sam.safe_norm(tiny)))
+  assert np.isfinite(float(optax_sam.perturbations.safe_norm(tiny)))

@@ -31,19 +31,19 @@ def test_top_k_mask_ties_and_nan():
 
 
 def test_fixed():
-  pol = optax_sam.fixed([0, -1])
+  pol = optax_sam.policies.fixed([0, -1])
   s = pol.init(4, None)
   assert _sel(s) == [1, 0, 0, 1]
   s = pol.update(s, _stats([9.0, 1.0, 1.0, 0.0]))
   assert _sel(s) == [1, 0, 0, 1] and int(s.count) == 1
   with pytest.raises(ValueError, match="empty"):
-    optax_sam.fixed([]).init(3, None)
+    optax_sam.policies.fixed([]).init(3, None)
   with pytest.raises(ValueError, match="out of range"):
-    optax_sam.fixed([5]).init(3, None)
+    optax_sam.policies.fixed([5]).init(3, None)
 
 
 def test_top_k_by_norm_and_initial():
-  pol = optax_sam.top_k(2)
+  pol = optax_sam.policies.top_k(2)
   s = pol.init(4, None)
   assert _sel(s) == [0, 0, 1, 1]  # output side before any statistic
   s = pol.update(s, _stats([1.0, 9.0, 4.0, 16.0]))  # norms 1, 3, 2, 4
@@ -53,19 +53,19 @@ def test_top_k_by_norm_and_initial():
 
 
 def test_top_k_rms_uses_sizes():
-  pol = optax_sam.top_k(1, statistic="rms")
+  pol = optax_sam.policies.top_k(1, statistic="rms")
   s = pol.init(2, None)
   # norms 10 and 4; per sqrt(size): 10/sqrt(100) = 1 < 4/sqrt(4) = 2.
   s = pol.update(s, _stats([100.0, 16.0], sizes=[100, 4]))
   assert _sel(s) == [0, 1]
-  s = optax_sam.top_k(1, statistic="norm").update(
+  s = optax_sam.policies.top_k(1, statistic="norm").update(
       s, _stats([100.0, 16.0], sizes=[100, 4]))
   assert _sel(s) == [1, 0]
 
 
 def test_top_k_ema_and_unobserved():
   ema = 0.5
-  pol = optax_sam.top_k(1, ema=ema)
+  pol = optax_sam.policies.top_k(1, ema=ema)
   s = pol.init(3, None)
   s = pol.update(s, _stats([4.0, 1.0, 0.0]))  # first observation: 2, 1, 0
   np.testing.assert_allclose(s.score, [2.0, 1.0, 0.0])
@@ -76,7 +76,7 @@ def test_top_k_ema_and_unobserved():
 
 
 def test_reselect_every_holds_choice():
-  pol = optax_sam.reselect_every(optax_sam.top_k(1), 3)
+  pol = optax_sam.policies.reselect_every(optax_sam.policies.top_k(1), 3)
   s = pol.init(3, None)
   seen = []
   for t in range(7):
@@ -90,7 +90,7 @@ def test_reselect_every_holds_choice():
   assert seen[5] == seen[6] == [0, 0, 1]  # t=5 -> group 2
   assert [pol.may_change(t) for t in range(7)] == [
       True, False, False, True, False, False, True]
-  pol = optax_sam.reselect_every(optax_sam.top_k(1), 2)
+  pol = optax_sam.policies.reselect_every(optax_sam.policies.top_k(1), 2)
   s = pol.init(3, None)
   s = pol.update(s, _stats([1.0, 0.0, 0.0]))
   assert _sel(s) == [0, 0, 1]
@@ -99,7 +99,7 @@ def test_reselect_every_holds_choice():
 
 
 def test_random_k_deterministic_and_jittable():
-  pol = optax_sam.random_k(2)
+  pol = optax_sam.policies.random_k(2)
   s0 = pol.init(5, jax.random.PRNGKey(3))
   upd = jax.jit(pol.update)
   a, b = s0, s0
@@ -107,7 +107,7 @@ def test_random_k_deterministic_and_jittable():
     a, b = upd(a, _stats(np.ones(5))), pol.update(b, _stats(np.ones(5)))
     assert sum(_sel(a)) == 2 and _sel(a) == _sel(b)
   with pytest.raises(ValueError, match="k must be"):
-    optax_sam.random_k(6).init(5, None)
+    optax_sam.policies.random_k(6).init(5, None)
 
 
 def _np_bandit_probs(probs, selected, sq, eta, fraction):
@@ -128,7 +128,7 @@ def _np_bandit_probs(probs, selected, sq, eta, fraction):
 
 def test_bandit_update_matches_numpy():
   fraction, eta = 0.5, 0.1
-  pol = optax_sam.bandit(fraction, eta)
+  pol = optax_sam.policies.bandit(fraction, eta)
   s = pol.init(4, jax.random.PRNGKey(0))
   np.testing.assert_allclose(s.score, [0.5] * 4)
   sq = np.array([4.0, 1.0, 0.25, 2.0], np.float32)
@@ -141,7 +141,7 @@ def test_bandit_update_matches_numpy():
 
 
 def test_bandit_learns_large_norm_layer():
-  pol = optax_sam.bandit(0.25, eta=1.0, scale_invariant=True)
+  pol = optax_sam.policies.bandit(0.25, eta=1.0, scale_invariant=True)
   s = pol.init(8, jax.random.PRNGKey(1))
   upd = jax.jit(pol.update)
   sq = np.array([0.1] * 7 + [10.0], np.float32)
@@ -154,7 +154,7 @@ def test_bandit_learns_large_norm_layer():
 
 
 def test_bandit_deterministic_given_key():
-  pol = optax_sam.bandit(0.3, eta=0.5)
+  pol = optax_sam.policies.bandit(0.3, eta=0.5)
   runs = []
   for _ in range(2):
     s = pol.init(6, jax.random.PRNGKey(7))
@@ -167,11 +167,11 @@ def test_bandit_deterministic_given_key():
 
 
 @pytest.mark.parametrize("make, match", [
-    (lambda: optax_sam.top_k(2, ema=1.0), "ema"),
-    (lambda: optax_sam.top_k(2, statistic="max"), "statistic"),
-    (lambda: optax_sam.reselect_every(optax_sam.top_k(1), 0), "every"),
-    (lambda: optax_sam.bandit(0.0), "fraction"),
-    (lambda: optax_sam.bandit(0.5, eta=-1.0), "eta"),
+    (lambda: optax_sam.policies.top_k(2, ema=1.0), "ema"),
+    (lambda: optax_sam.policies.top_k(2, statistic="max"), "statistic"),
+    (lambda: optax_sam.policies.reselect_every(optax_sam.policies.top_k(1), 0), "every"),
+    (lambda: optax_sam.policies.bandit(0.0), "fraction"),
+    (lambda: optax_sam.policies.bandit(0.5, eta=-1.0), "eta"),
 ])
 def test_bad_arguments(make, match):
   with pytest.raises(ValueError, match=match):
@@ -180,12 +180,12 @@ def test_bad_arguments(make, match):
 
 def test_top_k_larger_than_groups():
   with pytest.raises(ValueError, match="k must be"):
-    optax_sam.top_k(3).init(2, None)
+    optax_sam.policies.top_k(3).init(2, None)
 
 
 @pytest.mark.parametrize("make", [
-    lambda **kw: optax_sam.bandit(0.3, eta=0.5, **kw),
-    lambda **kw: optax_sam.random_k(2, **kw),
+    lambda **kw: optax_sam.policies.bandit(0.3, eta=0.5, **kw),
+    lambda **kw: optax_sam.policies.random_k(2, **kw),
 ], ids=["bandit", "random_k"])
 def test_typed_and_raw_keys_give_the_same_draws(make):
   inits = {
@@ -213,9 +213,9 @@ INT32_MAX = int(np.iinfo(np.int32).max)
 
 
 @pytest.mark.parametrize("make", [
-    lambda: optax_sam.fixed([0]), lambda: optax_sam.top_k(1),
-    lambda: optax_sam.reselect_every(optax_sam.top_k(1), 2),
-    lambda: optax_sam.random_k(1), lambda: optax_sam.bandit(0.5),
+    lambda: optax_sam.policies.fixed([0]), lambda: optax_sam.policies.top_k(1),
+    lambda: optax_sam.policies.reselect_every(optax_sam.policies.top_k(1), 2),
+    lambda: optax_sam.policies.random_k(1), lambda: optax_sam.policies.bandit(0.5),
 ], ids=["fixed", "top_k", "reselect_every", "random_k", "bandit"])
 def test_policy_counter_saturates_instead_of_wrapping(make):
   pol = make()
@@ -227,8 +227,8 @@ def test_policy_counter_saturates_instead_of_wrapping(make):
 
 
 @pytest.mark.parametrize("schedule", [
-    optax_sam.recompute_every(2), optax_sam.recompute_with_probability(0.5),
-    optax_sam.recompute_adaptive(window=4, blocks=2, warmup_steps=0)],
+    optax_sam.schedules.recompute_every(2), optax_sam.schedules.recompute_with_probability(0.5),
+    optax_sam.schedules.recompute_adaptive(window=4, blocks=2, warmup_steps=0)],
     ids=["every", "probability", "adaptive"])
 def test_schedule_counters_saturate_instead_of_wrapping(schedule):
   state = schedule.init(jax.random.PRNGKey(0))
@@ -236,7 +236,7 @@ def test_schedule_counters_saturate_instead_of_wrapping(schedule):
   fields = {f: big for f in ("count", "observed", "done")
             if hasattr(state, f)}
   state = state._replace(**fields)
-  stats = optax_sam.ReuseStats(jnp.float32(1.0), jnp.float32(2.0))
+  stats = optax_sam.schedules.ReuseStats(jnp.float32(1.0), jnp.float32(2.0))
   state = jax.jit(schedule.update)(state, jnp.asarray(True), stats)
   for f in fields:
     assert int(getattr(state, f)) == INT32_MAX, f

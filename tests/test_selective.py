@@ -19,7 +19,7 @@ import pytest
 
 import optax_sam
 import reference
-from _util import (assert_trees_close, deep_mlp, flops, jax_loss, run_steps,
+from _util import (selective, assert_trees_close, deep_mlp, flops, jax_loss, run_steps,
                    setup, to_jax)
 
 LR, MOM, RHO = 0.1, 0.9, 0.05
@@ -40,8 +40,8 @@ def _run(tx, p, x, y, steps, path, jit):
     ("dense", True, "c2", True), ("switch", True, "c1", True)])
 def test_matches_numpy_reference(executor, restrict_descent, path, jit):
   p, x, y = setup(0)
-  tx = optax_sam.selective_sam(
-      optax.sgd(LR, momentum=MOM), optax_sam.top_k(1), rho=RHO,
+  tx = selective(
+      optax.sgd(LR, momentum=MOM), optax_sam.policies.top_k(1), rho=RHO,
       executor=executor, restrict_descent=restrict_descent)
   got, sels, _ = _run(tx, p, x, y, 6, path, jit)
   want, want_sels = reference.run_top_k_momentum(
@@ -56,8 +56,8 @@ def test_matches_numpy_reference(executor, restrict_descent, path, jit):
 
 def test_all_layers_equals_sam():
   p, x, y = setup(0)
-  sel = optax_sam.selective_sam(optax.sgd(LR, momentum=MOM),
-                                optax_sam.top_k(2), rho=RHO)
+  sel = selective(optax.sgd(LR, momentum=MOM),
+                                optax_sam.policies.top_k(2), rho=RHO)
   full = optax_sam.sam(optax.sgd(LR, momentum=MOM), rho=RHO)
   a, _, _ = _run(sel, p, x, y, 4, "c2", True)
   b = []
@@ -82,7 +82,7 @@ def _deep():
 
 def _train(executor, policy, restrict_descent, steps=10):
   params, loss, x, y = _deep()
-  tx = optax_sam.selective_sam(optax.sgd(0.1, momentum=0.9), policy,
+  tx = selective(optax.sgd(0.1, momentum=0.9), policy,
                                executor=executor,
                                restrict_descent=restrict_descent)
   state = tx.init(params)
@@ -99,9 +99,9 @@ def _train(executor, policy, restrict_descent, steps=10):
 
 
 POLICIES = {
-    "top2_every3": lambda: optax_sam.reselect_every(optax_sam.top_k(2), 3),
-    "bandit": lambda: optax_sam.bandit(0.3, eta=1.0, scale_invariant=True),
-    "random2": lambda: optax_sam.random_k(2),
+    "top2_every3": lambda: optax_sam.policies.reselect_every(optax_sam.policies.top_k(2), 3),
+    "bandit": lambda: optax_sam.policies.bandit(0.3, eta=1.0, scale_invariant=True),
+    "random2": lambda: optax_sam.policies.random_k(2),
 }
 
 
@@ -119,15 +119,15 @@ def test_executors_equal_dense(policy, restrict_descent):
 def _selections(policy, steps=8, **kwargs):
   """Selections of selective_sam on the 2-layer MLP, and the last state."""
   p, x, y = setup(0)
-  tx = optax_sam.selective_sam(optax.sgd(LR), policy, executor="dense",
+  tx = selective(optax.sgd(LR), policy, executor="dense",
                                **kwargs)
   _, sels, state = _run(tx, p, x, y, steps, "c2", True)
   return [s.astype(int).tolist() for s in sels], state
 
 
 SEEDED = {
-    "bandit": lambda **kw: optax_sam.bandit(0.5, eta=1.0, **kw),
-    "random_k": lambda **kw: optax_sam.random_k(1, **kw),
+    "bandit": lambda **kw: optax_sam.policies.bandit(0.5, eta=1.0, **kw),
+    "random_k": lambda **kw: optax_sam.policies.random_k(1, **kw),
 }
 
 
@@ -153,9 +153,9 @@ def test_the_policy_seed_is_the_one_used(policy):
   same, _ = _selections(make(seed=5), seed=jax.random.key(5))
   assert same == by_policy
   with pytest.raises(ValueError, match="one place"):
-    optax_sam.selective_sam(optax.sgd(0.1), make(seed=5), seed=6)
+    selective(optax.sgd(0.1), make(seed=5), seed=6)
   # Held by reselect_every, the seed is still the policy's.
-  held, _ = _selections(optax_sam.reselect_every(make(seed=5), 1))
+  held, _ = _selections(optax_sam.policies.reselect_every(make(seed=5), 1))
   assert held == by_policy
 
 
@@ -174,7 +174,7 @@ def test_no_recompilation_under_switch_and_branch_counts():
 
 def test_branch_counts_saturate_instead_of_wrapping():
   p, x, y = setup(0)
-  tx = optax_sam.selective_sam(optax.sgd(LR), optax_sam.top_k(1))
+  tx = selective(optax.sgd(LR), optax_sam.policies.top_k(1))
   params = to_jax(p)
   state = tx.init(params)
   big = np.iinfo(np.int32).max
@@ -196,7 +196,7 @@ def test_specialized_step_compiles_once_per_subset():
 
 def test_specialize_without_driver_errors():
   params, loss, x, y = _deep()
-  tx = optax_sam.selective_sam(optax.sgd(0.1), optax_sam.top_k(1),
+  tx = selective(optax.sgd(0.1), optax_sam.policies.top_k(1),
                                executor="specialize")
   with pytest.raises(ValueError, match="SpecializedStep"):
     optax_sam.make_update(tx, loss)(params, tx.init(params), x, y)
@@ -205,7 +205,7 @@ def test_specialize_without_driver_errors():
 def test_branch_flops_match_static_subset():
   params, loss, x, y = _deep()
   groups = optax_sam.layer_groups(params)
-  tx = optax_sam.selective_sam(optax.sgd(0.1), optax_sam.top_k(2),
+  tx = selective(optax.sgd(0.1), optax_sam.policies.top_k(2),
                                executor="specialize")
   state = tx.init(params)
   update = optax_sam.make_update(tx, loss)
@@ -230,14 +230,14 @@ def test_branch_flops_match_static_subset():
 
 def test_bad_input():
   with pytest.raises(TypeError, match="Policy"):
-    optax_sam.selective_sam(optax.sgd(0.1), "top2")
+    selective(optax.sgd(0.1), "top2")
   with pytest.raises(ValueError, match="executor"):
-    optax_sam.selective_sam(optax.sgd(0.1), optax_sam.top_k(1),
+    selective(optax.sgd(0.1), optax_sam.policies.top_k(1),
                             executor="magic")
   with pytest.raises(ValueError, match="rho"):
-    optax_sam.selective_sam(optax.sgd(0.1), optax_sam.top_k(1), rho=0.0)
+    selective(optax.sgd(0.1), optax_sam.policies.top_k(1), rho=0.0)
   with pytest.raises(ValueError, match="k must be"):
-    optax_sam.selective_sam(optax.sgd(0.1), optax_sam.top_k(3)).init(
+    selective(optax.sgd(0.1), optax_sam.policies.top_k(3)).init(
         to_jax(setup(0)[0]))
 
 
@@ -249,8 +249,8 @@ def test_pmap_identical_selections():
   if jax.device_count() < n:
     pytest.skip("needs 8 devices")
   params, loss, x, y = _deep()
-  policy = optax_sam.bandit(0.3, eta=1.0, scale_invariant=True)
-  tx = optax_sam.selective_sam(optax.sgd(0.1), policy, axis_name="d",
+  policy = optax_sam.policies.bandit(0.3, eta=1.0, scale_invariant=True)
+  tx = selective(optax.sgd(0.1), policy, axis_name="d",
                                restrict_descent=True)
   rep = lambda t: jax.tree.map(lambda a: jnp.broadcast_to(a, (n,) + a.shape),
                                t)

@@ -6,13 +6,13 @@ import optax
 import pytest
 
 import optax_sam
-from _util import assert_trees_close, jax_loss, setup, to_jax
+from _util import selective, assert_trees_close, jax_loss, setup, to_jax
 
 
 @pytest.mark.parametrize("make", [
     lambda: optax_sam.looksam(optax.sgd(0.1, momentum=0.9), k=3),
     lambda: optax_sam.arsam(optax.sgd(0.1, momentum=0.9), schedule=(
-        optax_sam.recompute_with_probability(0.4)), seed=1),
+        optax_sam.schedules.recompute_with_probability(0.4)), seed=1),
 ], ids=["looksam", "arsam_bernoulli"])
 def test_specialized_equals_cond(make):
   p, x, y = setup(0)
@@ -36,7 +36,7 @@ def test_specialized_equals_cond(make):
 
 
 def _selective(executor, policy):
-  return optax_sam.selective_sam(optax.sgd(0.1, momentum=0.9), policy,
+  return selective(optax.sgd(0.1, momentum=0.9), policy,
                                  executor=executor)
 
 
@@ -44,7 +44,7 @@ def test_selection_read_from_the_state_every_step():
   """No policy to repeat: a selection changing every step is followed."""
   p, x, y = setup(0)
   params = to_jax(p)
-  policy = optax_sam.random_k(1)
+  policy = optax_sam.policies.random_k(1)
   ref_tx, tx = _selective("dense", policy), _selective("specialize", policy)
   ref = jax.jit(optax_sam.make_update(ref_tx, jax_loss))
   spec = optax_sam.SpecializedStep(tx, jax_loss)
@@ -65,7 +65,7 @@ def test_selection_read_from_the_state_every_step():
 def test_resumes_from_a_restored_state():
   p, x, y = setup(0)
   params = to_jax(p)
-  tx = optax_sam.layerwise_sam(optax.sgd(0.1), num_layers=1, interval=3,
+  tx = optax_sam.layerwise_sam(optax.sgd(0.1), num_layers=1, every=3,
                                executor="specialize")
   run = optax_sam.SpecializedStep(tx, jax_loss)
   state, trace = tx.init(params), []
@@ -107,7 +107,7 @@ def test_forwards_extra_arguments_to_the_base_optimizer():
 def test_uncovered_selection_raises_a_clear_error():
   p, x, y = setup(0)
   params = to_jax(p)
-  tx = _selective("specialize", optax_sam.fixed([1]))
+  tx = _selective("specialize", optax_sam.policies.fixed([1]))
   step = jax.jit(lambda pr, s: optax_sam.make_update(tx, jax_loss)(
       pr, s, x, y, static_selection=(True, False)))
   _, _, state = step(params, tx.init(params))
@@ -117,6 +117,6 @@ def test_uncovered_selection_raises_a_clear_error():
 
 
 def test_policy_argument_is_deprecated():
-  tx = _selective("specialize", optax_sam.fixed([1]))
+  tx = _selective("specialize", optax_sam.policies.fixed([1]))
   with pytest.warns(DeprecationWarning):
-    optax_sam.SpecializedStep(tx, jax_loss, policy=optax_sam.fixed([1]))
+    optax_sam.SpecializedStep(tx, jax_loss, policy=optax_sam.policies.fixed([1]))

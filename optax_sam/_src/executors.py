@@ -1,50 +1,47 @@
-"""Executors: turn a run-time layer selection into less computation.
+"""Executors: turn the engine's run-time decisions into less computation.
 
 A policy (``policies.py``) chooses, inside the jitted step, a boolean vector
-over the layer groups. XLA only prunes work for a *static* subset (a gradient
-with respect to some leaves compiles to fewer FLOPs; a 0/1 mask on a full
-gradient does not). An executor bridges the two: it runs a *body* that is
-written for a static superset of groups (Python bools, one per group) and
-masks the dynamic selection inside it, so the result equals the dense
-reference while the work is that of the static superset.
+over the layer groups, and a schedule (``schedules.py``) whether the step
+runs the ascent. XLA only prunes work for a *static* subset (a gradient with
+respect to some leaves compiles to fewer FLOPs; a 0/1 mask on a full gradient
+does not) and a *static* decision. An executor bridges the two: the engine
+writes a *body* for a static superset of groups (Python bools) and a static
+recompute/reuse decision, and masks the run-time selection inside it, so the
+result equals the dense reference while the work is that of the branch.
 
-Executors here, and their trade-offs (measured by ``benchmarks/selection.py``,
-figures in ``benchmarks/results/selection_*.json``):
+Executors here, and their trade-offs (figures in
+``benchmarks/results/executor_cost*.json``, made by ``benchmarks/cost.py``):
 
-* :func:`dense`: one body over all groups, masked. The reference; saves
-  nothing.
-* :func:`switch`: a bounded *menu* of static supersets compiled into one
-  program and dispatched with ``lax.switch``; on CPU and GPU only the taken
-  branch runs. One compilation (of every branch: compile time and program
-  size grow with the menu). The default menu, :func:`depth_menu`, has one
-  entry per depth: "every group from depth j to the output". The cost of a
-  backward pass is set mostly by the lowest layer it must reach, so this
-  menu is exact for output-side selections (the common case for
-  gradient-norm selection) and otherwise pays for the weight gradients of
-  the unselected groups above the lowest selected one. No host
-  synchronisation; works for selections that change every step.
-* :func:`specialize`: one program per distinct selection, compiled on first
-  use and cached (bounded). The selection must be given statically; the
-  loop helper :class:`SpecializedStep` reads it from the optimizer state
-  (a device-to-host copy) before every step. Exact cost for any subset;
-  pays one compilation per distinct subset and that synchronisation. Best
-  when the selection changes rarely (re-selection every N steps).
-
-Defaults: :func:`optax_sam.selective_sam` and :func:`optax_sam.layerwise_sam`
-use ``switch``, because it is the only one that works wherever a jitted step
-works (inside a user's ``jit``, ``pmap``, ``shard_map``, C1 and C2) and its
-compiled branches have the right FLOPs. On the CPU, XLA runs its own
-convolution gradients inside a conditional 10-40x slower than outside one
-(jax-ml/jax#12868); :func:`optax_sam.make_update` therefore differentiates
-the passes inside ``switch``'s branches with the forward-form convolution
-backward (``conv_backward="auto"``, see ``conv.py``), and ``switch`` then
-runs at 0.99-1.02x the equivalent static program's wall time (CNN,
-ResNet-18; ``benchmarks/results/executor_cost.json``).
+* :func:`dense`: the selection as a mask over full passes (the reference;
+  saves nothing from the selection). Recompute/reuse stays a conditional.
+* :func:`switch`: a bounded *menu* of static supersets, times
+  recompute/reuse, compiled into one program and dispatched with
+  ``lax.switch``; on CPU and GPU only the taken branch runs. The default
+  menu, :func:`depth_menu`, has one entry per depth: "every group from
+  depth j to the output". The cost of a backward pass is set mostly by the
+  lowest layer it must reach, so this menu is exact for output-side
+  selections and otherwise pays for the weight gradients of the unselected
+  groups above the lowest selected one. No host synchronisation.
+* :func:`specialize`: one program per distinct decision, compiled on first
+  use and cached (bounded), driven by :class:`SpecializedStep`, which reads
+  the decisions from the optimizer state (a device-to-host copy) before
+  every step. Exact cost for any subset, no conditional; pays one
+  compilation per distinct decision and that synchronisation.
+* :func:`auto` (the default): ``switch``, except where its branches would be
+  slow. On the CPU XLA runs its own convolution gradients inside a
+  conditional 10-40x slower than outside one (jax-ml/jax#12868, DESIGN.md
+  §6c); :func:`optax_sam.make_update` differentiates the passes inside
+  branches with the forward-form convolution backward
+  (``conv_backward="auto"``, ``conv.py``), and ``switch`` then runs at
+  0.99-1.02x the equivalent static program's wall time. A C1 call (the
+  user's ``grad_fn``) or ``conv_backward="xla"`` on the CPU cannot be
+  rewritten, so ``auto`` uses ``dense`` there.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Optional, Union
@@ -53,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_sam._src import policies as policies_lib
 from optax_sam._src import step as step_lib
 
 Flags = tuple[bool, ...]
@@ -115,40 +113,31 @@ def _resolve_menu(menu: MenuSpec, num_groups: int) -> Menu:
 
 
 class Executor(NamedTuple):
-  """Runs ``body(flags)`` for a run-time ``selection``.
+  """How the engine turns its run-time decisions into compiled branches.
 
   Attributes:
-    name: "dense", "switch" or "specialize".
-    num_branches: ``num_groups -> number of static programs in one step``.
-    run: ``run(selection, body, static_selection) -> (out, branch_index)``;
-      ``body(flags)`` must give the same result for any ``flags`` covering
-      ``selection`` (it masks the dynamic selection inside).
-    branch_flags: ``num_groups -> list of the static flags of each branch``
-      (empty for ``specialize``, whose programs are made on demand).
-    conditional: whether ``run`` traces ``body`` inside a conditional
-      (methods then mark the passes for the forward-form convolution
-      backward, see :func:`optax_sam.make_update`).
+    name: "auto", "dense", "switch" or "specialize".
+    menu: ``num_groups -> Menu`` of the static supersets compiled (None for
+      ``specialize``, whose programs are made on demand, and ``auto``).
   """
   name: str
-  num_branches: Callable[[int], int]
-  run: Callable[..., tuple[Any, jax.Array]]
-  branch_flags: Callable[[int], list[Flags]]
-  conditional: bool = False
+  menu: Optional[Callable[[int], Menu]] = None
 
 
 def dense() -> Executor:
-  """The reference: every group computed, the selection applied as a mask."""
+  """The reference: every group computed, the selection applied as a mask.
 
-  def run(selection, body, static_selection=None):
-    del static_selection
-    return body(tuple([True] * selection.shape[0])), jnp.int32(0)
-
-  return Executor("dense", lambda n: 1, run,
-                  lambda n: [tuple([True] * n)])
+  A schedule's recompute/reuse decision still runs as a conditional (that
+  is the reuse saving)."""
+  return Executor("dense", lambda n: Menu((tuple([True] * n),)))
 
 
 def switch(menu: MenuSpec = None) -> Executor:
   """A menu of static supersets dispatched by ``lax.switch``.
+
+  With a schedule, each menu entry has a recompute branch, and the reuse
+  steps one more branch (one per entry when the clean pass depends on the
+  selection). On CPU and GPU only the taken branch runs.
 
   Args:
     menu: a :class:`Menu`, a function ``num_groups -> Menu``, or None /
@@ -157,53 +146,38 @@ def switch(menu: MenuSpec = None) -> Executor:
   Returns:
     An :class:`Executor`.
   """
-
-  def run(selection, body, static_selection=None):
-    del static_selection
-    m = _resolve_menu(menu, selection.shape[0])
-    index = m.cover(selection)
-    branches = [lambda e=e: body(e) for e in m.entries]
-    return jax.lax.switch(index, branches), index
-
-  return Executor("switch", lambda n: len(_resolve_menu(menu, n).entries),
-                  run, lambda n: list(_resolve_menu(menu, n).entries),
-                  conditional=True)
+  return Executor("switch", lambda n: _resolve_menu(menu, n))
 
 
 def specialize() -> Executor:
-  """One program per static selection (see :class:`SpecializedStep`).
+  """One program per static decision (see :class:`SpecializedStep`).
 
   ``update`` must receive ``static_selection=`` (a tuple of bools equal to the
-  state's selection); :class:`SpecializedStep` passes it. A step whose
-  selection ``static_selection`` does not cover records branch -1
-  (``SelectiveState.branch``), and :class:`SpecializedStep` raises on it.
+  state's selection); :class:`SpecializedStep` passes it, and
+  ``static_recompute=`` for a schedule. A step whose selection
+  ``static_selection`` does not cover records branch -1
+  (``SharpnessAwareState.branch``), and :class:`SpecializedStep` raises on
+  it.
   """
-
-  def run(selection, body, static_selection=None):
-    if static_selection is None:
-      raise ValueError(
-          "the 'specialize' executor needs static_selection=...: drive the "
-          "step with optax_sam.SpecializedStep (it reads the selection from "
-          "the state and compiles one program per selection), or use the "
-          "'switch' executor.")
-    flags = tuple(bool(f) for f in static_selection)
-    if len(flags) != selection.shape[0]:
-      raise ValueError(f"static_selection needs {selection.shape[0]} flags, "
-                       f"got {len(flags)}.")
-    covered = jnp.all(jnp.logical_or(jnp.asarray(flags), ~selection))
-    # -1 marks a step whose selection the program did not cover (its
-    # uncovered layers were not perturbed); SpecializedStep raises on it.
-    return body(flags), jnp.where(covered, 0, -1).astype(jnp.int32)
-
-  return Executor("specialize", lambda n: 1, run, lambda n: [])
+  return Executor("specialize", None)
 
 
-EXECUTORS = {"dense": dense, "switch": switch, "specialize": specialize}
+def auto() -> Executor:
+  """``switch``, except where its branches would be slow: a C1 call
+  (``grad_fn`` given by the user) or a C2 call with ``conv_backward="xla"``
+  on the CPU, whose convolution gradients XLA runs 10-40x slower inside a
+  conditional; those use ``dense``."""
+  return Executor("auto", None)
+
+
+EXECUTORS = {"auto": auto, "dense": dense, "switch": switch,
+             "specialize": specialize}
 
 
 def get_executor(executor: Union[str, Executor, None],
-                 default: str = "switch") -> Executor:
-  """An :class:`Executor` from a name ("dense", "switch", "specialize")."""
+                 default: str = "auto") -> Executor:
+  """An :class:`Executor` from a name ("auto", "dense", "switch",
+  "specialize")."""
   if executor is None:
     executor = default
   if isinstance(executor, Executor):
@@ -212,6 +186,154 @@ def get_executor(executor: Union[str, Executor, None],
     raise ValueError(f"unknown executor {executor!r}; choose from "
                      f"{sorted(EXECUTORS)}.")
   return EXECUTORS[executor]()
+
+
+def resolve_auto(executor: Executor, oracle: Any = None) -> Executor:
+  """The executor ``auto`` stands for with this oracle (``switch`` when no
+  oracle is known yet, e.g. to size the state)."""
+  if executor.name != "auto":
+    return executor
+  if oracle is None or jax.default_backend() != "cpu":
+    return switch()
+  if getattr(oracle, "branch_loss_fn", None) is not None:
+    return switch()  # C2: branches differentiate with the forward form
+  return dense()
+
+
+Case = tuple[Flags, bool]
+
+
+class Plan(NamedTuple):
+  """The static branches of one step (see :func:`plan`).
+
+  Attributes:
+    executor: the executor (``auto`` resolved).
+    num_groups: number of layer groups.
+    entries: the static supersets (menu entries); one full entry without a
+      policy or with ``dense``; empty for ``specialize``.
+    recompute: the schedule's static decision, or None when it is decided
+      at run time.
+    reuse_needs_flags: whether a reuse step depends on the entry (its clean
+      pass is restricted to it), so that each entry has a reuse branch.
+    cases: ``(flags, recompute)`` of every branch, in branch order.
+    num_branches: ``len(cases)`` (recompute/reuse for ``specialize``).
+  """
+  executor: Executor
+  num_groups: int
+  entries: tuple[Flags, ...]
+  recompute: Optional[bool]
+  reuse_needs_flags: bool
+  cases: tuple[Case, ...]
+  num_branches: int
+
+
+def plan(executor: Executor, num_groups: int, *, with_policy: bool,
+         recompute: Optional[bool], reuse_needs_flags: bool,
+         oracle: Any = None) -> Plan:
+  """The branches the engine compiles for one step."""
+  ex = resolve_auto(executor, oracle)
+  full = tuple([True] * num_groups)
+  if ex.name == "specialize":
+    entries: tuple[Flags, ...] = ()
+  elif not with_policy:
+    entries = (full,)
+  else:
+    entries = tuple(ex.menu(num_groups).entries)
+  options = [True, False] if recompute is None else [bool(recompute)]
+  cases: list[Case] = []
+  for rec in options:
+    if rec or reuse_needs_flags:
+      cases += [(e, rec) for e in entries]
+    else:
+      cases.append((full, False))
+  num = len(options) if ex.name == "specialize" else len(cases)
+  return Plan(ex, num_groups, entries, recompute, reuse_needs_flags,
+              tuple(cases), num)
+
+
+def run(the_plan: Plan, body: Callable[[Flags, bool], Any], *,
+        selection: Optional[jax.Array], recompute: Any,
+        static_selection: Optional[Flags] = None,
+        oracle: Any = None) -> tuple[Any, jax.Array]:
+  """Runs ``body(flags, recompute)`` for the run-time decisions.
+
+  Args:
+    the_plan: from :func:`plan`.
+    body: ``body(flags, recompute)``, written for a static superset
+      ``flags`` of the selection (it masks the run-time selection inside)
+      and a static ``recompute``; every call must return the same structure.
+    selection: bool[L] run-time selection, or None (every group, static).
+    recompute: a Python bool (static) or a traced bool.
+    static_selection: flags given on the host (:class:`SpecializedStep`):
+      that superset is compiled as its own program.
+    oracle: the step's gradient oracle (its passes inside a conditional are
+      marked, see :meth:`optax_sam.GradientOracle.conditional`).
+
+  Returns:
+    ``(out, branch)``: ``branch`` is the index of the case in
+    ``the_plan.cases`` (for ``specialize`` and ``static_selection``:
+    0 recompute, 1 reuse), -1 when ``static_selection`` does not cover
+    ``selection``.
+  """
+  n = the_plan.num_groups
+  full = tuple([True] * n)
+  static_rec = isinstance(recompute, (bool, np.bool_))
+  conditional = oracle.conditional() if oracle is not None else (
+      contextlib.nullcontext())
+
+  if static_selection is not None or the_plan.executor.name == "specialize":
+    if static_selection is None and selection is not None:
+      raise ValueError(
+          "the 'specialize' executor needs static_selection=...: drive the "
+          "step with optax_sam.SpecializedStep (it reads the decisions from "
+          "the state and compiles one program per decision), or use the "
+          "'switch' executor.")
+    flags = full if static_selection is None else tuple(
+        bool(f) for f in static_selection)
+    if len(flags) != n:
+      raise ValueError(f"static_selection needs {n} flags, got {len(flags)}.")
+    if static_rec:
+      out = body(flags, bool(recompute))
+    else:
+      with conditional:
+        out = jax.lax.cond(recompute, lambda: body(flags, True),
+                           lambda: body(flags, False))
+    index = jnp.where(recompute, 0, 1).astype(jnp.int32)
+    if selection is not None:
+      covered = jnp.all(jnp.logical_or(jnp.asarray(flags), ~selection))
+      # -1 marks a step whose selection the program did not cover (its
+      # uncovered layers were not perturbed); SpecializedStep raises on it.
+      index = jnp.where(covered, index, -1).astype(jnp.int32)
+    return out, index
+
+  entries = the_plan.entries
+  if selection is None or len(entries) == 1:
+    entry = jnp.int32(0)
+  else:
+    entry = Menu(entries).cover(selection)
+  rnf = the_plan.reuse_needs_flags
+  if the_plan.recompute is None:
+    index = jnp.where(recompute, entry,
+                      len(entries) + (entry if rnf else 0))
+  elif the_plan.recompute or rnf:
+    index = entry
+  else:
+    index = jnp.int32(0)
+  index = jnp.asarray(index, jnp.int32)
+  if static_rec:  # one side only (a static schedule, or a host decision)
+    rec = bool(recompute)
+    if rec or rnf:
+      cases = [(e, rec) for e in entries]
+      local = entry
+    else:
+      cases, local = [(full, False)], jnp.int32(0)
+  else:
+    cases, local = list(the_plan.cases), index
+  if len(cases) == 1:
+    return body(*cases[0]), index
+  with conditional:
+    out = jax.lax.switch(local, [lambda c=c: body(*c) for c in cases])
+  return out, index
 
 
 # ------------------------------------------------- re-specialising loop
@@ -237,11 +359,11 @@ class SpecializedStep:
   state, so that each program contains only the work of that decision and
   no conditional:
 
-  * layer-selective methods (``selective_sam``/``layerwise_sam`` with
-    ``executor="specialize"``): the selection (``static_selection=``);
-  * reuse methods (``arsam``, ``looksam``, ``reuse_sam``): whether this step
-    recomputes SAM's gradient (``static_recompute=``, from
-    ``state.next_recompute``).
+  * with a layer policy (``layerwise_sam``, ``sharpness_aware(policy=...)``,
+    any executor): the selection (``static_selection=``, from
+    ``state.policy.selection``);
+  * whether this step runs the ascent (``static_recompute=``, from
+    ``state.next_recompute``; ``arsam``, ``looksam``, any ``schedule=``).
 
   Everything comes from ``tx`` and the optimizer state: before every step
   the decision is read from the state (a device-to-host copy of a few
@@ -265,7 +387,7 @@ class SpecializedStep:
     (loss, aux), updates, opt_state = step(params, opt_state, x, y)
 
   Args:
-    tx: a selective method with ``executor="specialize"`` or a reuse method.
+    tx: a method of ``optax_sam`` (required for ``executor="specialize"``).
     loss_fn: as for :func:`optax_sam.make_update`.
     has_aux: as for :func:`optax_sam.make_update`.
     policy: deprecated and ignored (the decision is read from the state).
@@ -297,41 +419,41 @@ class SpecializedStep:
     self.compilations = 0
     self.selections: list[Any] = []
 
-  def _program(self, key: tuple[str, Any]):
+  def _program(self, key: tuple[tuple[str, Any], ...]):
     if key in self._cache:
       self._cache.move_to_end(key)
       return self._cache[key]
-    kwarg, value = key
     update = self._update
-    fn = self._jit(lambda p, s, *a, **kw: update(p, s, *a, **kw,
-                                                 **{kwarg: value}))
+    decided = dict(key)
+    fn = self._jit(lambda p, s, *a, **kw: update(p, s, *a, **kw, **decided))
     self._cache[key] = fn
     self.compilations += 1
+    value = decided.get("static_selection", decided["static_recompute"])
     if value not in self.selections:
       self.selections.append(value)
     while len(self._cache) > self._max_cache:
       self._cache.popitem(last=False)
     return fn
 
-  def _read(self, opt_state) -> tuple[str, Any]:
-    state = _find_state(opt_state, _selective_state_type())
-    if state is not None:
-      if int(_first_replica(state.branch).reshape(-1)[0]) < 0:
-        raise ValueError(
-            "the last step's layer selection was not covered by the program "
-            "it ran (update(..., static_selection=...) differed from the "
-            "state's selection), so some selected layers were not "
-            "perturbed. Let SpecializedStep pass static_selection.")
-      return ("static_selection",
-              tuple(bool(f) for f in _first_replica(state.policy.selection)))
-    from optax_sam._src import reuse  # pylint: disable=g-import-not-at-top
-    rstate = _find_state(opt_state, reuse.ReuseState)
-    if rstate is not None:
-      return ("static_recompute",
-              bool(_first_replica(rstate.next_recompute).reshape(-1)[0]))
-    raise ValueError("SpecializedStep drives selective methods (a policy "
-                     "state) or reuse methods (arsam, looksam); neither was "
-                     "found in opt_state.")
+  def _read(self, opt_state) -> tuple[tuple[str, Any], ...]:
+    from optax_sam._src import engine  # pylint: disable=g-import-not-at-top
+    state = _find_state(opt_state, engine.SharpnessAwareState)
+    if state is None:
+      raise ValueError("SpecializedStep drives the methods of optax_sam "
+                       "(a SharpnessAwareState); none was found in "
+                       "opt_state.")
+    if int(_first_replica(state.branch).reshape(-1)[0]) < 0:
+      raise ValueError(
+          "the last step's layer selection was not covered by the program "
+          "it ran (update(..., static_selection=...) differed from the "
+          "state's selection), so some selected layers were not "
+          "perturbed. Let SpecializedStep pass static_selection.")
+    key = (("static_recompute",
+            bool(_first_replica(state.next_recompute).reshape(-1)[0])),)
+    if isinstance(state.policy, policies_lib.PolicyState):
+      key += (("static_selection", tuple(
+          bool(f) for f in _first_replica(state.policy.selection))),)
+    return key
 
   def __call__(self, params, opt_state, *args, **extra_args):
     """One step: ``((loss, aux), updates, opt_state)`` as from
@@ -339,7 +461,3 @@ class SpecializedStep:
     program = self._program(self._read(opt_state))
     return program(params, opt_state, *args, **extra_args)
 
-
-def _selective_state_type() -> type:
-  from optax_sam._src import selective  # pylint: disable=g-import-not-at-top
-  return selective.SelectiveState

@@ -239,3 +239,60 @@ def mask_fraction(mask: PyTree, params: PyTree) -> float:
   flags = jax.tree.leaves(mask)
   total = sum(sizes)
   return sum(s for s, f in zip(sizes, flags) if f) / max(total, 1)
+
+
+# ------------------------------------------------ per-group arithmetic
+#
+# The one place where a tree's leaves are reduced per layer group; mixers,
+# perturbations and the engine's statistics use these.
+
+
+def leaf_labels(tree: PyTree, labels: Labels = None,
+                per_group: bool = True) -> Union[list[str], None]:
+  """The group label of each leaf (flatten order), or None for one global
+  group (``per_group=False``)."""
+  if not per_group:
+    return None
+  return jax.tree.leaves(layer_groups(tree, labels).labels)
+
+
+def f32(x: Any) -> Any:
+  """``x`` as a float32 array."""
+  return jnp.asarray(x, jnp.float32)
+
+
+def reduce_per_leaf(parts: Sequence[Any],
+                    label_leaves: Union[Sequence[str], None],
+                    combine: Callable[[list[Any]], Any]) -> list[Any]:
+  """For each leaf, ``combine`` of the ``parts`` of the leaves in its group
+  (of every leaf when ``label_leaves`` is None)."""
+  parts = list(parts)
+  if label_leaves is None:
+    total = combine(parts)
+    return [total] * len(parts)
+  by_group: dict[str, list[int]] = {}
+  for i, lab in enumerate(label_leaves):
+    by_group.setdefault(lab, []).append(i)
+  out: list[Any] = [None] * len(parts)
+  for idx in by_group.values():
+    value = combine([parts[i] for i in idx])
+    for i in idx:
+      out[i] = value
+  return out
+
+
+def norms_per_leaf(tree: PyTree, label_leaves: Union[Sequence[str], None]
+                   ) -> list[Any]:
+  """For each leaf, the (safe, float32) L2 norm of its group."""
+  from optax_sam._src import perturb as perturb_lib  # pylint: disable=g-import-not-at-top
+  return reduce_per_leaf(jax.tree.leaves(tree), label_leaves,
+                         perturb_lib.safe_norm)
+
+
+def dots_per_leaf(a: PyTree, b: PyTree,
+                  label_leaves: Union[Sequence[str], None]) -> list[Any]:
+  """For each leaf, ``<a, b>`` summed over its group (float32)."""
+  parts = [jnp.sum(f32(x) * f32(y))
+           for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+  return reduce_per_leaf(parts, label_leaves, sum)
+

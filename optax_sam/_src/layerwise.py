@@ -6,25 +6,32 @@ critical layers suppresses the gradient norm of the whole model about as
 well as SAM, keeps SAM's convergence rate, and costs close to SGD because the
 ascent pass only needs the gradient of those layers.
 
-Built on the selection engine (``selective.py``): a :func:`top_k` policy held
-for ``interval`` steps (:func:`reselect_every`), statistics taken from the
-descent gradient the step computes anyway, and an executor that makes the
-restricted ascent pass cost less in the compiled program.
+Built on the engine (``engine.py``): a :func:`top_k` policy held for
+``every`` steps (:func:`reselect_every`), statistics taken from the clean
+gradient the step computes anyway, and an executor that makes the restricted
+perturbed pass cost less in the compiled program. ``schedule=`` adds reuse:
+the ascent on some steps only, the stored second-order part mixed in on the
+others.
 
 Choices made here where the paper (as far as we could read it) leaves room,
 each a parameter:
 
 * statistic: the L2 norm of each layer's gradient (``statistic="norm"``;
   ``"rms"`` divides by the square root of the layer size), taken from the
-  previous step's *descent* gradient (at ``w + eps``), optionally smoothed
-  (``ema``);
-* re-selection every ``interval`` steps (default 100), which also lets the
+  previous step's clean gradient (at ``w``), optionally smoothed (``ema``);
+* re-selection every ``every`` steps (default 100), which also lets the
   ``specialize`` executor compile a handful of programs;
 * ``eps = rho * g_S / ||g_S||`` normalized globally over the selected layers,
   so ``||eps|| = rho`` as in SAM (``per_layer=True`` normalizes each layer);
 * the descent gradient of the selected layers is
   ``(1 - alpha) g + alpha g_adv`` (``alpha=1``, the default, is SAM's);
-  other layers take the gradient at the perturbed point.
+  the other layers take the clean gradient ``g`` (``unselected="clean"``,
+  the paper's penalty form: the penalty ``||g_S||`` is differentiated
+  through the selected layers only). ``unselected="perturbed"`` gives them
+  the gradient at the perturbed point instead, which is also the first-order
+  gradient of the penalty with respect to them (its cross terms); the
+  library's first version did that. Both cost one full and one restricted
+  pass per step; ``benchmarks/results/`` holds both's accuracy.
 
 With ``num_layers`` equal to the number of layer groups this is SAM exactly.
 
@@ -43,31 +50,31 @@ from typing import Any, Optional, Sequence, Union
 import optax
 
 from optax_sam._src import arguments as args_lib
+from optax_sam._src import engine
 from optax_sam._src import executors as executors_lib
 from optax_sam._src import groups as groups_lib
 from optax_sam._src import perturb as perturb_lib
 from optax_sam._src import policies as policies_lib
-from optax_sam._src import selective as selective_lib
+from optax_sam._src import schedules as schedules_lib
 
 
 def layerwise_policy(
     num_layers: int = 2,
-    interval: int = 100,
+    every: Any = None,
     *,
     statistic: str = "norm",
     ema: float = 0.0,
     initial: Optional[Sequence[Union[int, bool]]] = None,
+    interval: Any = None,
 ) -> policies_lib.Policy:
-  """The selection rule of :func:`layerwise_sam` (top-k, held ``interval``).
-
-  Pass it to :class:`optax_sam.SpecializedStep` so the loop reads the
-  selection from the device only at re-selection steps.
-  """
+  """The selection rule of :func:`layerwise_sam`: the top ``num_layers``
+  groups, re-selected every ``every`` steps (``interval``: deprecated)."""
+  every = args_lib.renamed(every, interval, "every", "interval", 100)
   num_layers = args_lib.check_int(num_layers, "num_layers", 1)
-  interval = args_lib.check_int(interval, "interval", 1)
+  every = args_lib.check_int(every, "every", 1)
   return policies_lib.reselect_every(
       policies_lib.top_k(num_layers, statistic=statistic, ema=ema,
-                         initial=initial), interval)
+                         initial=initial), every)
 
 
 def layerwise_sam(
@@ -75,17 +82,21 @@ def layerwise_sam(
     rho: perturb_lib.ScalarOrSchedule = 0.05,
     num_layers: int = 2,
     *,
-    interval: int = 100,
+    every: Any = None,
     statistic: str = "norm",
     ema: float = 0.0,
     initial: Optional[Sequence[Union[int, bool]]] = None,
     alpha: float = 1.0,
     per_layer: bool = False,
-    executor: Union[str, executors_lib.Executor, None] = "switch",
+    unselected: str = "clean",
+    schedule: Optional[schedules_lib.ReuseSchedule] = None,
+    mixer: Optional[schedules_lib.Mixer] = None,
+    executor: Union[str, executors_lib.Executor, None] = "auto",
     labels: groups_lib.Labels = None,
     order: Any = None,
     axis_name: Optional[str] = None,
     sync_ascent: bool = False,
+    interval: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SAM on the ``num_layers`` layers with the largest gradient norms.
 
@@ -101,18 +112,26 @@ def layerwise_sam(
     optimizer: the base optimizer (SGD with momentum, AdamW, any chain).
     rho: SAM radius (> 0) or a schedule of the step count.
     num_layers: how many layer groups are perturbed (``k``).
-    interval: re-select the layers every ``interval`` steps.
+    every: re-select the layers every ``every`` steps (default 100).
     statistic: ``"norm"``, ``"sq_norm"`` or ``"rms"`` (see
-      :func:`optax_sam.top_k`).
+      :func:`optax_sam.policies.top_k`).
     ema: smoothing of the statistic between steps (0: last step only).
     initial: layers perturbed before any statistic exists (default: the
       last ``num_layers`` groups, output side).
     alpha: weight of the perturbed gradient on the selected layers (1: SAM).
     per_layer: normalize the perturbation per layer instead of globally.
-    executor: how the run-time selection becomes less work: ``"switch"``
-      (default; one program, fully inside ``jit``; on the CPU, drive it with
-      :func:`optax_sam.make_update`, whose forward-form convolution backward
-      keeps conv nets fast inside its branches), ``"specialize"`` (one
+    unselected: what the other layers descend along: ``"clean"`` (the
+      paper's form, default), ``"perturbed"`` (the gradient at ``w + eps``,
+      this library's first version) or ``"zero"``.
+    schedule: run the ascent only on the steps this
+      :mod:`optax_sam.schedules` schedule picks, e.g.
+      ``recompute_every(4)``; default every step.
+    mixer: what the other steps descend along; default with a schedule:
+      ARSAM's PSF mixer, ``g + 0.7**age * (g_sam - g)``.
+    executor: how the run-time decisions become less work: ``"auto"``
+      (default: ``"switch"``, one program fully inside ``jit``, or
+      ``"dense"`` where its branches would be slow, see
+      :func:`optax_sam.executors.auto`), ``"switch"``, ``"specialize"`` (one
       program per selection, driven by
       ``optax_sam.SpecializedStep(tx, loss_fn)``; the exact cost of a static
       subset) or ``"dense"`` (reference, no saving).
@@ -121,20 +140,27 @@ def layerwise_sam(
     order: group order, input side first (see :func:`optax_sam.layer_groups`).
     axis_name: mapped axis to average the descent gradient over.
     sync_ascent: also average the ascent gradient over ``axis_name``.
+    interval: deprecated name of ``every``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a
-    :class:`optax_sam.SelectiveState` (selection, branch counts and active
-    parameter ratios are in the state for logging).
+    :class:`optax_sam.SharpnessAwareState` (selection, branch counts and
+    active parameter ratios are in the state for logging).
+
+  References:
+    Lee, `Layer-wise Adaptive Gradient Norm Penalizing Method for Efficient
+    and Accurate Deep Learning <https://arxiv.org/abs/2503.14205>`_, KDD
+    2024.
   """
-  policy = layerwise_policy(num_layers, interval, statistic=statistic,
+  every = args_lib.renamed(every, interval, "every", "interval", 100)
+  policy = layerwise_policy(num_layers, every, statistic=statistic,
                             ema=ema, initial=initial)
-  return selective_lib.selective_sam(
-      optimizer, policy,
-      perturbation=perturb_lib.sam_perturbation(rho, per_layer=per_layer,
-                                                labels=labels),
-      executor=executor, restrict_descent=False, alpha=alpha, labels=labels,
-      order=order, axis_name=axis_name, sync_ascent=sync_ascent)
+  return engine.sharpness_aware(
+      optimizer,
+      perturb_lib.sam_perturbation(rho, per_layer=per_layer, labels=labels),
+      policy=policy, schedule=schedule, mixer=mixer, unselected=unselected,
+      alpha=alpha, executor=executor, labels=labels, order=order,
+      axis_name=axis_name, sync_ascent=sync_ascent)
 
 
 lagnp = layerwise_sam

@@ -132,18 +132,10 @@ def normalize(
     del params
     if not per_layer:
       return _scale_leaves(updates, safe_inverse(safe_norm(updates))), state
-    label_tree = groups_lib.layer_groups(updates, labels).labels
+    labs = groups_lib.leaf_labels(updates, labels)
     flat, treedef = jax.tree.flatten(updates)
-    flat_labels = jax.tree.leaves(label_tree)
-    by_group: dict[str, list[int]] = {}
-    for i, lab in enumerate(flat_labels):
-      by_group.setdefault(lab, []).append(i)
-    out = list(flat)
-    for idx in by_group.values():
-      inv = safe_inverse(safe_norm([flat[i] for i in idx]))
-      for i in idx:
-        out[i] = (jnp.asarray(flat[i], jnp.float32) * inv).astype(
-            flat[i].dtype)
+    out = [(jnp.asarray(x, jnp.float32) * safe_inverse(n)).astype(x.dtype)
+           for x, n in zip(flat, groups_lib.norms_per_leaf(updates, labs))]
     return jax.tree.unflatten(treedef, out), state
 
   return optax.GradientTransformation(init_fn, update_fn)

@@ -297,7 +297,7 @@ def make_update(
 
   def step(params, opt_state, *args, **extra_args):
     if conv_backward == "forward":
-      oracle = LossOracle(rewritten, has_aux, args)
+      oracle = LossOracle(rewritten, has_aux, args, rewritten)
     else:
       in_branches = conv_lib.resolve_conv_backward(conv_backward)
       oracle = LossOracle(loss_fn, has_aux, args,

@@ -1,0 +1,541 @@
+"""The one sharpness-aware engine: which layers take part, and when.
+
+Every method of ``optax_sam`` is :func:`sharpness_aware` with some of its four
+parts filled in:
+
+* a **perturbation** (``perturb.py``): the ascent transform, gradient ->
+  ``eps`` (SAM's ``rho g / ||g||``, ASAM's, ...);
+* a **layer policy** (``policies.py``): which layer groups take part in the
+  ascent at run time (``top_k``, ``bandit``, ...), plus what the layers
+  outside it descend along (``unselected``); None: every layer (or the
+  static ``mask``);
+* a **recompute schedule** with a **mixer** (``schedules.py``): on which
+  steps the ascent runs, and what the descent uses on the other steps;
+  default: every step (SAM);
+* an **executor** (``executors.py``): turns the two run-time decisions
+  (selection, recompute) into compiled work.
+
+One step, with ``S`` the selection the policy made at the end of the last
+step and ``r`` the schedule's decision:
+
+1. clean pass ``g = grad L(w)``. It runs once, outside any conditional, over
+   every leaf when a later part needs all of it (``unselected="clean"``, or a
+   schedule that can reuse); otherwise inside the branch, over the branch's
+   static superset of ``S`` only;
+2. on a recompute step: ``eps = perturbation(g_S)`` on the selected leaves,
+   and the perturbed pass at ``w + eps`` over the selected leaves
+   (``unselected="clean"`` or ``"zero"``) or every leaf
+   (``"perturbed"``). The descent gradient of a selected leaf is
+   ``(1 - alpha) g + alpha g_adv``; an unselected leaf takes ``g``
+   (``"clean"``), ``g_adv`` (``"perturbed"``) or 0 (``"zero"``). The mixer
+   stores its component of the result;
+3. on a reuse step: the mixer's ``mix(g, stored, age)`` (one pass);
+4. the policy sees per-layer squared norms (of the clean gradient with
+   ``unselected="clean"``, else of the descent gradient), the schedule sees
+   :class:`optax_sam.schedules.ReuseStats`, and the base optimizer consumes
+   the descent gradient.
+
+The executor compiles one branch per (menu entry, recompute/reuse) pair that
+can occur, so a restricted pass costs less in the compiled program and a
+reuse step costs one gradient pass; with one possible branch (no policy and a
+static schedule: SAM, ASAM) there is no conditional at all. With every layer
+selected and recomputing every step, every configuration is SAM.
+
+References:
+  Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
+  Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
+
+  Lee, `Layer-wise Adaptive Gradient Norm Penalizing Method for Efficient and
+  Accurate Deep Learning <https://arxiv.org/abs/2503.14205>`_, KDD 2024.
+
+  Liu et al., `Towards Efficient and Scalable Sharpness-Aware Minimization
+  <https://arxiv.org/abs/2203.02714>`_, CVPR 2022.
+
+  Deng and Pang, `Adaptively Sampling-Reusing-Mixing Decomposed Gradients to
+  Speed Up Sharpness Aware Minimization <https://arxiv.org/abs/2510.03763>`_,
+  2025.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_sam._src import arguments as args_lib
+from optax_sam._src import executors as executors_lib
+from optax_sam._src import groups as groups_lib
+from optax_sam._src import perturb as perturb_lib
+from optax_sam._src import policies as policies_lib
+from optax_sam._src import schedules as schedules_lib
+from optax_sam._src import step as step_lib
+
+PyTree = Any
+UNSELECTED = ("clean", "perturbed", "zero")
+
+
+def as_extra_args(optimizer: Any) -> optax.GradientTransformationExtraArgs:
+  """Accepts a GradientTransformation, with or without extra args, or an
+  ``optax.MultiSteps`` object, and returns one that takes extra args."""
+  if isinstance(optimizer, optax.MultiSteps):
+    optimizer = optimizer.gradient_transformation()
+  if not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
+    raise TypeError("optimizer must be an optax GradientTransformation, got "
+                    f"{optimizer!r}.")
+  return optax.with_extra_args_support(optimizer)
+
+
+class SharpnessAwareState(NamedTuple):
+  """State of :func:`sharpness_aware` and of every method built on it.
+
+  A plain pytree of arrays (checkpointable, resumable bit-for-bit).
+
+  Attributes:
+    opt_state: the base optimizer's state.
+    perturbation_state: the perturbation transform's state (advanced every
+      step, so a ``rho`` schedule follows the step count).
+    policy: the policy's state (``policy.selection``, bool[L], is the
+      selection of the *next* step), or ``()`` without a policy.
+    schedule: the schedule's state (holds its PRNG key).
+    stored: the mixer's stored component (PSF, ``g_v``), shaped like the
+      params, or ``()`` when the schedule never reuses.
+    age: int32, steps since ``stored`` was computed (0 after a recompute).
+    count: int32, steps taken.
+    recomputes: int32, steps that ran the ascent (two passes);
+      ``recomputes / count`` is the recompute fraction.
+    recomputed: bool, whether the last step ran the ascent.
+    next_recompute: bool, the schedule's decision for the next step (what
+      :class:`optax_sam.SpecializedStep` reads).
+    last_selection: bool[L], the selection the last step used.
+    branch: int32, the compiled branch the last step took (-1: a
+      ``static_selection`` that did not cover the state's selection).
+    branch_counts: int32[B], how many steps took each branch.
+    ascent_active: float32, fraction of parameters the last step's ascent
+      covered (its branch's static superset; 0 on a reuse step).
+    descent_active: float32, the same for the descent pass.
+  """
+  opt_state: optax.OptState
+  perturbation_state: optax.OptState
+  policy: Any
+  schedule: Any
+  stored: PyTree
+  age: jax.Array
+  count: jax.Array
+  recomputes: jax.Array
+  recomputed: jax.Array
+  next_recompute: jax.Array
+  last_selection: jax.Array
+  branch: jax.Array
+  branch_counts: jax.Array
+  ascent_active: jax.Array
+  descent_active: jax.Array
+
+
+def recompute_fraction(state: SharpnessAwareState) -> jax.Array:
+  """Fraction of the steps so far that ran the ascent (two passes)."""
+  return state.recomputes / jnp.maximum(state.count, 1)
+
+
+_f32 = groups_lib.f32
+
+
+def _restricted(tree: PyTree, mask: PyTree) -> list[Any]:
+  return [x for x, m in zip(jax.tree.leaves(tree), jax.tree.leaves(mask))
+          if m]
+
+
+def sharpness_aware(
+    optimizer: optax.GradientTransformation,
+    perturbation: Optional[optax.GradientTransformation] = None,
+    *,
+    rho: perturb_lib.ScalarOrSchedule = 0.05,
+    policy: Optional[policies_lib.Policy] = None,
+    schedule: Optional[schedules_lib.ReuseSchedule] = None,
+    mixer: Optional[schedules_lib.Mixer] = None,
+    unselected: Optional[str] = None,
+    alpha: float = 1.0,
+    executor: Union[str, executors_lib.Executor, None] = "auto",
+    mask: groups_lib.MaskOrFn = None,
+    labels: groups_lib.Labels = None,
+    order: Any = None,
+    stats_on: groups_lib.MaskOrFn = None,
+    seed: Optional[args_lib.SeedOrKey] = None,
+    axis_name: Optional[str] = None,
+    sync_ascent: bool = False,
+    perturb: groups_lib.MaskOrFn = None,
+) -> optax.GradientTransformationExtraArgs:
+  """A sharpness-aware step: perturbation x layer policy x schedule.
+
+  Example (C2): layer-wise SAM on the two layers with the largest gradient
+  norms, recomputed 1 step in 4, ARSAM's PSF reused in between::
+
+    tx = optax_sam.sharpness_aware(
+        optax.sgd(0.1, momentum=0.9),
+        optax_sam.sam_perturbation(0.05),
+        policy=optax_sam.policies.top_k(2),
+        schedule=optax_sam.schedules.recompute_every(4),
+        mixer=optax_sam.schedules.psf_mixer())
+    step = jax.jit(optax_sam.make_update(tx, loss_fn))
+
+  Args:
+    optimizer: the base optimizer that consumes the descent gradient: any
+      optax transformation, ``optax.chain(...)``, an
+      ``optax.inject_hyperparams`` optimizer, or ``optax.MultiSteps``.
+    perturbation: the ascent transform (gradient -> ``eps``); default
+      ``optax_sam.sam_perturbation(rho)`` (global normalization over the
+      perturbed leaves).
+    rho: SAM's radius when ``perturbation`` is None.
+    policy: a :class:`optax_sam.policies.Policy` choosing the layer groups
+      that take part at run time; None: every group.
+    schedule: a :class:`optax_sam.schedules.ReuseSchedule`; None: recompute
+      every step (no conditional, nothing stored).
+    mixer: a :class:`optax_sam.schedules.Mixer`, for the steps ``schedule``
+      skips; default with a schedule: ARSAM's
+      :func:`optax_sam.schedules.psf_mixer` (``g + 0.7**age * psf``).
+    unselected: what the leaves outside the selection (the policy's and
+      ``mask``'s) descend along: ``"clean"`` (the clean gradient ``g``, the
+      layer-wise paper's penalty form; the perturbed pass then covers the
+      selected layers only), ``"perturbed"`` (the gradient at ``w + eps``,
+      SAM's definition, a full perturbed pass) or ``"zero"`` (no update this
+      step, SL-SAM's sparse descent). Default: ``"clean"`` with a policy,
+      ``"perturbed"`` without one.
+    alpha: on the selected leaves the descent gradient is
+      ``(1 - alpha) g + alpha g_adv``, in ``[0, 1]``; 1 is SAM.
+    executor: ``"auto"`` (default: ``"switch"``, except for C1 calls on the
+      CPU, where XLA's convolution gradients inside a conditional are slow
+      and ``"dense"`` is used), ``"switch"`` (one program, a ``lax.switch``
+      over the menu x recompute/reuse), ``"specialize"`` (one program per
+      decision, driven by :class:`optax_sam.SpecializedStep`), ``"dense"``
+      (the selection applied as a mask: the reference, no saving from it;
+      recompute/reuse stays a conditional), or an
+      :class:`optax_sam.Executor`.
+    mask: static subset of leaves that may be perturbed (a pytree of bools
+      shaped like params, or ``params -> mask``); None: every leaf.
+    labels: layer labels (see :func:`optax_sam.layer_groups`).
+    order: group order, input side first (see
+      :func:`optax_sam.layer_groups`).
+    stats_on: leaves whose norms feed the schedule's statistics (mask or
+      ``params -> mask``); default every leaf.
+    seed: PRNG seed (identical on every device) of the policy and the
+      schedule: an int, a raw ``uint32`` key or a typed key. A policy built
+      with its own seed (``bandit(seed=...)``) keeps it; giving a different
+      one here raises ``ValueError``. Default 0.
+    axis_name: average the gradients over this mapped axis
+      (``jax.pmap``/``jax.shard_map``); policies and schedules then read
+      averaged statistics and decide identically on every device.
+    sync_ascent: also average the ascent gradient over ``axis_name``
+      (default False: each device perturbs with its own shard's gradient,
+      m-sharpness, as in the SAM authors' code).
+    perturb: deprecated name of ``mask``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with a
+    :class:`SharpnessAwareState`. Its ``update`` takes ``grad_fn`` (C1) or
+    is driven by :func:`optax_sam.make_update` (C2); ``static_selection=``
+    and ``static_recompute=`` (passed by :class:`optax_sam.SpecializedStep`)
+    compile one decision as its own program; any other keyword arguments go
+    to the base optimizer.
+  """
+  optimizer = as_extra_args(optimizer)
+  mask = args_lib.renamed(mask, perturb, "mask", "perturb", None)
+  if perturbation is None:
+    perturbation = perturb_lib.sam_perturbation(rho)
+  if policy is not None and not isinstance(policy, policies_lib.Policy):
+    raise TypeError(f"policy must be an optax_sam.policies.Policy (e.g. "
+                    f"optax_sam.policies.top_k(2)), got {policy!r}.")
+  if schedule is None:
+    schedule = schedules_lib.recompute_always()
+  elif mixer is None:
+    from optax_sam._src import arsam as arsam_lib  # pylint: disable=g-import-not-at-top
+    mixer = arsam_lib.psf_mixer()
+  if not isinstance(schedule, schedules_lib.ReuseSchedule):
+    raise TypeError(f"schedule must be an optax_sam.schedules.ReuseSchedule "
+                    f"(e.g. optax_sam.schedules.recompute_every(4)), got "
+                    f"{schedule!r}.")
+  if mixer is not None and not isinstance(mixer, schedules_lib.Mixer):
+    raise TypeError(f"mixer must be an optax_sam.schedules.Mixer, got "
+                    f"{mixer!r}.")
+  if unselected is None:
+    unselected = "clean" if policy is not None else "perturbed"
+  if unselected not in UNSELECTED:
+    raise ValueError(f"unselected must be one of {UNSELECTED}, got "
+                     f"{unselected!r}.")
+  if sync_ascent and axis_name is None:
+    raise ValueError("sync_ascent=True needs an axis_name.")
+  if mask is not None and not callable(mask):
+    for m in jax.tree.leaves(mask):  # structure is checked at update
+      if not isinstance(m, (bool, int)) and not hasattr(m, "dtype"):
+        raise TypeError(f"mask leaves must be bools, got {m!r}.")
+  alpha = args_lib.check_number(alpha, "alpha", 0.0, 1.0)
+  # A traced alpha (optax.inject_hyperparams) is mixed in whatever its value.
+  mix_alpha = args_lib.is_traced(alpha) or alpha != 1.0
+  if policy is not None and policy.seed is not None:
+    if seed is not None and args_lib.same_seed(seed, policy.seed) is False:
+      raise ValueError(
+          f"got seed={seed!r} and a policy built with seed={policy.seed!r}: "
+          "give the seed in one place (the policy's seed=, or this seed= "
+          "for a policy built without one).")
+    policy_seed = policy.seed
+  else:
+    policy_seed = seed
+  ex = executors_lib.get_executor(executor)
+
+  def groups_of(params):
+    return groups_lib.layer_groups(params, labels, order)
+
+  def can_reuse(sched_state) -> bool:
+    pred = schedule.decide(sched_state)
+    return not (schedules_lib.is_static(pred) and bool(pred))
+
+  def plan(num_groups, sched_state, oracle=None):
+    pred = schedule.decide(sched_state)
+    return executors_lib.plan(
+        ex, num_groups, with_policy=policy is not None,
+        recompute=bool(pred) if schedules_lib.is_static(pred) else None,
+        reuse_needs_flags=not hoisted(can_reuse(sched_state)),
+        oracle=oracle)
+
+  def hoisted(reuses: bool) -> bool:
+    # The clean pass over every leaf, once, outside the branches.
+    return unselected == "clean" or (reuses and unselected == "perturbed")
+
+  def init_fn(params):
+    groups = groups_of(params)
+    num = groups.num_groups
+    sched_state = schedule.init(args_lib.as_key(0 if seed is None else seed))
+    reuses = can_reuse(sched_state)
+    if policy is not None:
+      pstate = policy.init(num, args_lib.as_key(
+          0 if policy_seed is None else policy_seed))
+      selection = pstate.selection
+    else:
+      pstate = ()
+      selection = jnp.ones([num], bool)
+    return SharpnessAwareState(
+        opt_state=optimizer.init(params),
+        perturbation_state=perturbation.init(params),
+        policy=pstate,
+        schedule=sched_state,
+        stored=jax.tree.map(jnp.zeros_like, params) if reuses else (),
+        age=jnp.zeros([], jnp.int32),
+        count=jnp.zeros([], jnp.int32),
+        recomputes=jnp.zeros([], jnp.int32),
+        recomputed=jnp.zeros([], jnp.bool_),
+        next_recompute=jnp.ones([], jnp.bool_),
+        last_selection=selection,
+        branch=jnp.zeros([], jnp.int32),
+        branch_counts=jnp.zeros([plan(num, sched_state).num_branches],
+                                jnp.int32),
+        ascent_active=jnp.zeros([], jnp.float32),
+        descent_active=jnp.zeros([], jnp.float32))
+
+  def decision(sched_state, recomputes):
+    pred = schedule.decide(sched_state)
+    if schedules_lib.is_static(pred):
+      return pred
+    # Nothing is stored before the first recompute.
+    return jnp.logical_or(jnp.asarray(pred, jnp.bool_), recomputes == 0)
+
+  def update_fn(updates, state, params=None, *, grad_fn=None,
+                static_selection=None, static_recompute=None, **extra_args):
+    if params is None:
+      raise ValueError("sharpness-aware updates need params: call "
+                       "tx.update(grads, state, params, grad_fn=...).")
+    oracle = step_lib.as_oracle(updates, grad_fn)
+    groups = groups_of(params)
+    num = groups.num_groups
+    static_mask = groups_lib.resolve_mask(mask, params, what="mask")
+    stats_mask = groups_lib.resolve_mask(stats_on, params, what="stats_on")
+    local = step_lib.as_local(params, axis_name)
+    reuses = can_reuse(state.schedule)
+    hoist = hoisted(reuses)
+    selection = state.policy.selection if policy is not None else None
+    leaf_sel = (groups.leaf_selection(selection) if selection is not None
+                else None)
+
+    if static_recompute is not None:  # decided on the host (SpecializedStep)
+      pred = bool(static_recompute)
+    else:
+      pred = decision(state.schedule, state.recomputes)
+      if not schedules_lib.is_static(pred):
+        # The decision taken at the end of the last step and kept in the
+        # state: the one predicate SpecializedStep and the conditional share.
+        pred = state.next_recompute
+
+    if hoist:
+      g_full = oracle.clean(local)
+      g_full_bar = step_lib.pmean_where(g_full, None, axis_name)
+
+    def keep(tree, sub):
+      """Zeros the leaves of ``sub`` outside the run-time selection."""
+      if leaf_sel is None:
+        return tree
+      return jax.tree.map(
+          lambda x, s, m: jnp.where(s, x, jnp.zeros_like(x)) if m else x,
+          tree, leaf_sel, sub)
+
+    def body(flags, recompute):
+      sub = jax.tree.map(lambda a, b: a and b,
+                         groups.mask_from_flags(flags), static_mask)
+      if hoist:
+        value, g, g_bar = None, g_full, g_full_bar
+      else:
+        value, g = oracle.clean_with_value(local, wrt=sub)
+        g = keep(g, sub)
+        g_bar = step_lib.pmean_where(g, sub, axis_name)
+      g_sub = keep(step_lib.restrict(g_bar if sync_ascent else g, sub), sub)
+      sub_fraction = groups_lib.mask_fraction(sub, params)
+      zero = jnp.zeros([], jnp.float32)
+      if not recompute:
+        # Advances the perturbation's state (e.g. a rho schedule's count);
+        # the unused perturbation itself is dropped by XLA.
+        _, pstate = perturbation.update(g_sub, state.perturbation_state,
+                                        params)
+        age = optax.safe_increment(state.age)
+        descent = mixer.mix(g_bar, state.stored, age)
+        descent = jax.tree.map(lambda a, d: d.astype(a.dtype), g_bar, descent)
+        if unselected == "zero":
+          descent = keep(step_lib.restrict(descent, sub), sub)
+        active = (zero, jnp.float32(sub_fraction if unselected == "zero"
+                                    else 1.0))
+        rstats = schedules_lib.ReuseStats(zero, zero)
+        return value, descent, pstate, state.stored, rstats, age, active
+      eps, pstate = perturbation.update(g_sub, state.perturbation_state,
+                                        params)
+      eps = keep(step_lib.restrict(eps, sub), sub)
+      w_adv = step_lib.add_where(local, eps, sub)
+      full_descent = unselected == "perturbed"
+      g_adv = oracle.perturbed(w_adv, 0, wrt=None if full_descent else sub)
+      g_adv = step_lib.pmean_where(g_adv, None if full_descent else sub,
+                                   axis_name)
+
+      def leaf(ga, gb, s, m):
+        if not m:  # outside the static superset: never selected
+          if unselected == "perturbed":
+            return ga
+          return gb if unselected == "clean" else jnp.zeros_like(ga)
+        sel = ga if not mix_alpha else (
+            (1 - alpha) * _f32(gb) + alpha * _f32(ga)).astype(ga.dtype)
+        if s is None:
+          return sel
+        other = {"perturbed": ga, "clean": gb,
+                 "zero": jnp.zeros_like(ga)}[unselected]
+        return jnp.where(s, sel, other)
+
+      sel_leaves = (jax.tree.leaves(leaf_sel) if leaf_sel is not None
+                    else [None] * len(jax.tree.leaves(g_adv)))
+      descent = jax.tree.unflatten(jax.tree.structure(g_adv), [
+          leaf(*a) for a in zip(jax.tree.leaves(g_adv), jax.tree.leaves(g_bar),
+                                sel_leaves, jax.tree.leaves(sub))])
+      if reuses:
+        stored = jax.tree.map(lambda s, x: x.astype(s.dtype), state.stored,
+                              mixer.store(g_bar, descent))
+        diff = [_f32(b) - _f32(a) for a, b in zip(
+            _restricted(g_bar, stats_mask), _restricted(descent, stats_mask))]
+        rstats = schedules_lib.ReuseStats(
+            perturb_lib.safe_norm(diff),
+            perturb_lib.safe_norm(_restricted(g_bar, stats_mask)))
+      else:
+        stored, rstats = state.stored, schedules_lib.ReuseStats(zero, zero)
+      active = (jnp.float32(sub_fraction), jnp.float32(
+          1.0 if full_descent else sub_fraction))
+      return (value, descent, pstate, stored, rstats,
+              jnp.zeros([], jnp.int32), active)
+
+    the_plan = plan(num, state.schedule, oracle)
+    out, branch = executors_lib.run(
+        the_plan, body, selection=selection, recompute=pred,
+        static_selection=static_selection, oracle=oracle)
+    value, descent, pstate, stored, rstats, age, active = out
+    if value is not None:
+      oracle.record(*value)
+    pred_arr = jnp.asarray(pred, jnp.bool_)
+
+    if policy is not None:
+      if unselected == "clean":  # every layer's clean gradient
+        source, observed = g_full_bar, jnp.ones_like(selection)
+      elif unselected == "zero":
+        source, observed = descent, selection
+      else:
+        source, observed = descent, jnp.ones_like(selection)
+      new_pstate = policy.update(state.policy, policies_lib.LayerStats(
+          sq_norms=groups.sq_norms(source), observed=observed,
+          sizes=jnp.asarray(groups.sizes, jnp.float32)))
+      used = selection
+    else:
+      new_pstate, used = (), state.last_selection
+    sched_state = schedule.update(state.schedule, pred_arr, rstats)
+    recomputes = schedules_lib.increment_where(pred_arr, state.recomputes)
+    new_updates, opt_state = optimizer.update(descent, state.opt_state,
+                                              params, **extra_args)
+    counts = state.branch_counts.at[jnp.maximum(branch, 0)].set(
+        optax.safe_increment(state.branch_counts[jnp.maximum(branch, 0)]))
+    return new_updates, SharpnessAwareState(
+        opt_state=opt_state, perturbation_state=pstate, policy=new_pstate,
+        schedule=sched_state, stored=stored, age=age,
+        count=optax.safe_increment(state.count), recomputes=recomputes,
+        recomputed=pred_arr,
+        next_recompute=jnp.asarray(decision(sched_state, recomputes),
+                                   jnp.bool_),
+        last_selection=used, branch=jnp.asarray(branch, jnp.int32),
+        branch_counts=counts, ascent_active=active[0],
+        descent_active=active[1])
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+# ------------------------------------------------ deprecated entry points
+
+
+def selective_sam(
+    optimizer: optax.GradientTransformation,
+    policy: policies_lib.Policy,
+    *,
+    rho: perturb_lib.ScalarOrSchedule = 0.05,
+    perturbation: Optional[optax.GradientTransformation] = None,
+    executor: Union[str, executors_lib.Executor, None] = "auto",
+    restrict_descent: bool = False,
+    alpha: float = 1.0,
+    labels: groups_lib.Labels = None,
+    order: Any = None,
+    axis_name: Optional[str] = None,
+    sync_ascent: bool = False,
+    seed: Optional[args_lib.SeedOrKey] = None,
+) -> optax.GradientTransformationExtraArgs:
+  """Deprecated: ``sharpness_aware(optimizer, perturbation, policy=policy,
+  unselected="zero" if restrict_descent else "perturbed")``."""
+  return sharpness_aware(
+      optimizer, perturbation, rho=rho, policy=policy,
+      unselected="zero" if restrict_descent else "perturbed", alpha=alpha,
+      executor=executor, labels=labels, order=order, seed=seed,
+      axis_name=axis_name, sync_ascent=sync_ascent)
+
+
+def reuse_sam(
+    optimizer: optax.GradientTransformation,
+    schedule: schedules_lib.ReuseSchedule,
+    mixer: schedules_lib.Mixer,
+    *,
+    rho: perturb_lib.ScalarOrSchedule = 0.05,
+    perturbation: Optional[optax.GradientTransformation] = None,
+    perturb: groups_lib.MaskOrFn = None,
+    stats_on: groups_lib.MaskOrFn = None,
+    seed: args_lib.SeedOrKey = 0,
+    axis_name: Optional[str] = None,
+    sync_ascent: bool = False,
+) -> optax.GradientTransformationExtraArgs:
+  """Deprecated: ``sharpness_aware(optimizer, perturbation,
+  schedule=schedule, mixer=mixer, mask=perturb)``."""
+  if not isinstance(schedule, schedules_lib.ReuseSchedule):
+    raise TypeError(f"schedule must be an optax_sam.schedules.ReuseSchedule "
+                    f"(e.g. optax_sam.schedules.recompute_every(5)), got "
+                    f"{schedule!r}.")
+  if not isinstance(mixer, schedules_lib.Mixer):
+    raise TypeError(f"mixer must be an optax_sam.schedules.Mixer, got "
+                    f"{mixer!r}.")
+  return sharpness_aware(
+      optimizer, perturbation, rho=rho, schedule=schedule, mixer=mixer,
+      mask=perturb, stats_on=stats_on, seed=seed, axis_name=axis_name,
+      sync_ascent=sync_ascent)

@@ -1,0 +1,36 @@
+"""Recompute schedules and mixers: when the ascent runs, and what the other
+steps descend along.
+
+Pass a schedule (and optionally a mixer) to a method's ``schedule=``
+(``optax_sam.sam``, ``layerwise_sam``, ``arsam``, ``looksam``,
+``sharpness_aware``). ARSAM's adaptive rule and PSF mixer and LookSAM's
+orthogonal mixer are defined with those methods and re-exported here.
+"""
+
+from optax_sam._src.arsam import AdaptiveScheduleState
+from optax_sam._src.arsam import psf_mixer
+from optax_sam._src.arsam import recompute_adaptive
+from optax_sam._src.looksam import orthogonal_mixer
+from optax_sam._src.schedules import Mixer
+from optax_sam._src.schedules import ReuseSchedule
+from optax_sam._src.schedules import ReuseStats
+from optax_sam._src.schedules import ScheduleState
+from optax_sam._src.schedules import recompute_always
+from optax_sam._src.schedules import recompute_every
+from optax_sam._src.schedules import recompute_never
+from optax_sam._src.schedules import recompute_with_probability
+
+__all__ = (
+    "AdaptiveScheduleState",
+    "Mixer",
+    "ReuseSchedule",
+    "ReuseStats",
+    "ScheduleState",
+    "orthogonal_mixer",
+    "psf_mixer",
+    "recompute_adaptive",
+    "recompute_always",
+    "recompute_every",
+    "recompute_never",
+    "recompute_with_probability",
+)
