@@ -13,6 +13,7 @@ Run: ``python -m benchmarks.cost --models mlp,cnn`` (writes
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -194,9 +195,9 @@ def core_methods(problem: Problem) -> dict[str, optax.GradientTransformation]:
       "sam": optax_sam.sam(base(), rho=0.05),
       "asam": optax_sam.asam(base(), rho=0.5),
       f"sam[last={names[-1]}]": optax_sam.sam(
-          base(), perturb=problem.groups.mask([names[-1]])),
+          base(), mask=problem.groups.mask([names[-1]])),
       f"sam[mid={mid}]": optax_sam.sam(
-          base(), perturb=problem.groups.mask([mid])),
+          base(), mask=problem.groups.mask([mid])),
   }
 
 
@@ -356,12 +357,19 @@ def executor_programs(problem: Problem, conv_backward: str,
 
   * ``sgd``, ``sam``, ``sam_handwritten`` (two passes by hand, one jit);
   * the static subset "groups ``suffix_start`` to the output" as plain
-    ``sam(perturb=...)`` and through ``selective_sam`` with a fixed policy
-    and each executor (``switch`` takes exactly that branch of its depth
-    menu, so it does the same work as the static program);
-  * ``layerwise_sam`` with its default executor, its state's selection set
-    to each of ``selections`` before every step;
-  * ``arsam`` (its ``lax.cond`` program) with the recompute decision set.
+    ``sam(mask=...)`` and through the engine with a fixed policy
+    (``unselected="perturbed"``, the same work) and each executor
+    (``switch`` takes exactly that branch of its depth menu, so it does the
+    same work as the static program; ``auto`` is what a user gets);
+  * ``layerwise_sam`` with its default executor, in the paper's form
+    (``unselected="clean"``, the default) and in the 0.1 form
+    (``layerwise_sam_perturbed``), its state's selection set to each of
+    ``selections`` before every step;
+  * ``arsam`` (its ``lax.cond`` program) with the recompute decision set;
+  * compositions, on the most held selection: ``layerwise_reuse``
+    (``layerwise_sam(..., schedule=recompute_every(4))``) and
+    ``arsam_top_k`` (``arsam(..., policy=top_k(k))``), each with the
+    selection and the recompute decision set.
   """
   base = lambda: optax.sgd(0.01, momentum=0.9)
   groups = problem.groups
@@ -382,19 +390,34 @@ def executor_programs(problem: Problem, conv_backward: str,
   hand, hand_state = handwritten_sam_step(problem)
   progs["sam_handwritten"] = Program(hand, hand_state)
   sub = f"{groups.names[suffix_start]}.."  # groups suffix_start..output
-  add(f"static[{sub}]", optax_sam.sam(base(), rho=0.05, perturb=mask))
-  for ex in ("switch", "dense", "specialize"):
-    tx = optax_sam.selective_sam(base(), optax_sam.policies.fixed(flags), rho=0.05,
-                                 executor=ex, labels=problem.labels)
+  add(f"static[{sub}]", optax_sam.sam(base(), rho=0.05, mask=mask))
+  for ex in ("auto", "switch", "dense", "specialize"):
+    tx = optax_sam.sharpness_aware(
+        base(), rho=0.05, policy=optax_sam.policies.fixed(flags),
+        unselected="perturbed", executor=ex, labels=problem.labels)
     extra = {"static_selection": flags} if ex == "specialize" else {}
     add(f"{ex}[{sub}]", tx, **extra)
   for sel in selections:
-    tx = optax_sam.layerwise_sam(base(), rho=0.05, num_layers=sum(sel),
-                                 labels=problem.labels)
-    add(f"layerwise_sam[{_name(groups, sel)}]", tx, _force_selection(sel))
+    for name, unselected in (("layerwise_sam", "clean"),
+                             ("layerwise_sam_perturbed", "perturbed")):
+      tx = optax_sam.layerwise_sam(base(), rho=0.05, num_layers=sum(sel),
+                                   unselected=unselected,
+                                   labels=problem.labels)
+      add(f"{name}[{_name(groups, sel)}]", tx, _force_selection(sel))
+  top = max(selections, key=selections.get) if selections else flags
+  both = lambda *fs: (lambda s: functools.reduce(lambda a, f: f(a), fs, s))
   for value, branch in ((True, "recompute"), (False, "reuse")):
     add(f"arsam[{branch}]", optax_sam.arsam(base(), rho=0.05),
         _force_recompute(value))
+    tx = optax_sam.layerwise_sam(
+        base(), rho=0.05, num_layers=sum(top), labels=problem.labels,
+        schedule=optax_sam.schedules.recompute_every(4))
+    add(f"layerwise_reuse[{_name(groups, top)}][{branch}]", tx,
+        both(_force_selection(top), _force_recompute(value)))
+    tx = optax_sam.arsam(base(), rho=0.05, labels=problem.labels,
+                         policy=optax_sam.policies.top_k(sum(top)))
+    add(f"arsam_top_k[{_name(groups, top)}][{branch}]", tx,
+        both(_force_selection(top), _force_recompute(value)))
   return progs
 
 
@@ -435,18 +458,26 @@ def measure_executors(problems: dict[str, Problem], *,
     row["flops_ratio"] = row["flops"] / rows[f"{mode}/sgd"]["flops"]
     row["time_ratio"] = row["step_s"] / rows[f"{mode}/sgd"]["step_s"]
   for mode in conv_modes:
-    parts = [(rows[f"{mode}/layerwise_sam[{_name(problem.groups, sel)}]"], f)
-             for sel, f in selections.items()
-             if f"{mode}/layerwise_sam[{_name(problem.groups, sel)}]" in rows]
-    if parts and len(parts) == len(selections):
-      rows[f"{mode}/layerwise_sam"] = _amortized(parts, {
-          _name(problem.groups, sel): f for sel, f in selections.items()})
-    if recompute_fraction is not None and f"{mode}/arsam[reuse]" in rows:
-      f = recompute_fraction
-      rows[f"{mode}/arsam"] = _amortized(
-          [(rows[f"{mode}/arsam[recompute]"], f),
-           (rows[f"{mode}/arsam[reuse]"], 1.0 - f)],
-          {"recompute": f, "reuse": 1.0 - f})
+    for name in ("layerwise_sam", "layerwise_sam_perturbed"):
+      keys = {_name(problem.groups, sel): f for sel, f in selections.items()}
+      parts = [(rows[f"{mode}/{name}[{k}]"], f) for k, f in keys.items()
+               if f"{mode}/{name}[{k}]" in rows]
+      if parts and len(parts) == len(selections):
+        rows[f"{mode}/{name}"] = _amortized(parts, keys)
+    fracs = {"arsam": recompute_fraction, "layerwise_reuse": 0.25,
+             "arsam_top_k": recompute_fraction}
+    for key in list(rows):
+      m, _, rest = key.partition("/")
+      name = rest.split("[")[0]
+      if (m != mode or not rest.endswith("[recompute]")
+          or fracs.get(name) is None):
+        continue
+      f, head = fracs[name], rest[:-len("[recompute]")]
+      reuse_key = f"{mode}/{head}[reuse]"
+      if reuse_key in rows:
+        rows[f"{mode}/{head}"] = _amortized(
+            [(rows[key], f), (rows[reuse_key], 1.0 - f)],
+            {"recompute": f, "reuse": 1.0 - f})
   return {"groups": problem.groups.describe(), "suffix_start": suffix_start,
           "conv_modes": list(conv_modes), "methods": rows}
 

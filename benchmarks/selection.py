@@ -1,10 +1,10 @@
 """Executors of the selection engine against the equivalent static subset.
 
 A top-k-of-L policy re-selected every N steps (by the per-layer norms of the
-descent gradient) drives ``optax_sam.selective_sam`` with the ``switch`` and
+descent gradient) drives ``optax_sam.sharpness_aware(policy=...)`` with the ``switch`` and
 the ``specialize`` executors. In the same loop, interleaved step by step, the
 benchmark also times SGD and the *equivalent static subset*: plain
-``optax_sam.sam(perturb=mask)`` compiled for the subset the policy currently
+``optax_sam.sam(mask=mask)`` compiled for the subset the policy currently
 holds (warmed up before it is timed). Reported per model:
 
 * compiled FLOPs of every branch / subset, the fraction of steps spent in
@@ -57,8 +57,9 @@ def run(problem: cost_lib.Problem, batches, *, steps: int, every: int, k: int,
   groups = problem.groups
   base = lambda: optax.sgd(lr, momentum=0.9)
   policy = optax_sam.policies.reselect_every(optax_sam.policies.top_k(k), every)
-  dyn = {ex: optax_sam.selective_sam(base(), policy, rho=rho, executor=ex,
-                                     labels=problem.labels, seed=seed)
+  dyn = {ex: optax_sam.sharpness_aware(
+      base(), rho=rho, policy=policy, unselected="perturbed", executor=ex,
+      labels=problem.labels, seed=seed)
          for ex in ("switch", "specialize")}
   sgd = optax_sam.plain(base())
 
@@ -74,7 +75,7 @@ def run(problem: cost_lib.Problem, batches, *, steps: int, every: int, k: int,
 
   def static_program(flags):
     if flags not in static_steps:
-      tx = optax_sam.sam(base(), rho=rho, perturb=groups.mask_from_flags(flags))
+      tx = optax_sam.sam(base(), rho=rho, mask=groups.mask_from_flags(flags))
       fn = jax.jit(train(tx))
       state = tx.init(problem.params)
       out = fn(problem.params, state, *problem.batch)  # compile outside timing
@@ -154,7 +155,7 @@ def run(problem: cost_lib.Problem, batches, *, steps: int, every: int, k: int,
   subset_rows = []
   for flags, n in subsets.items():
     static_tx = optax_sam.sam(base(), rho=rho,
-                              perturb=groups.mask_from_flags(flags))
+                              mask=groups.mask_from_flags(flags))
     st_cost = cost_lib.compiled_cost(train(static_tx), problem.params,
                                      static_tx.init(problem.params),
                                      *problem.batch)

@@ -210,7 +210,7 @@ def test_injected_rho_set_to_nan_at_run_time_means_no_ascent():
 
 def test_mismatched_perturb_mask_raises():
   params = to_jax(setup()[0])
-  tx = optax_sam.sam(optax.sgd(0.1), perturb={"out": True})
+  tx = optax_sam.sam(optax.sgd(0.1), mask={"out": True})
   with pytest.raises(ValueError, match="same tree structure"):
     optax_sam.make_update(tx, jax_loss)(params, tx.init(params), 0, 0)
 
@@ -218,7 +218,7 @@ def test_mismatched_perturb_mask_raises():
 def test_empty_perturb_mask_raises():
   params = to_jax(setup()[0])
   mask = jax.tree.map(lambda _: False, params)
-  tx = optax_sam.sam(optax.sgd(0.1), perturb=mask)
+  tx = optax_sam.sam(optax.sgd(0.1), mask=mask)
   with pytest.raises(ValueError, match="selects no parameter"):
     optax_sam.make_update(tx, jax_loss)(params, tx.init(params), 0, 0)
 

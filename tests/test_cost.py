@@ -40,7 +40,7 @@ def test_full_sam_costs_two_gradients(mlp):
 def test_last_layer_sam_costs_about_one_gradient(mlp):
   params = mlp[0]
   mask = optax_sam.layer_groups(params).mask([-1])
-  ratio = _step_ratio(mlp, optax_sam.sam(optax.sgd(0.1), perturb=mask))
+  ratio = _step_ratio(mlp, optax_sam.sam(optax.sgd(0.1), mask=mask))
   assert ratio <= 1.15
 
 
@@ -48,11 +48,11 @@ def test_middle_layer_sam_costs_in_between(mlp):
   params = mlp[0]
   groups = optax_sam.layer_groups(params)
   last = _step_ratio(mlp, optax_sam.sam(optax.sgd(0.1),
-                                        perturb=groups.mask([-1])))
+                                        mask=groups.mask([-1])))
   mid = _step_ratio(mlp, optax_sam.sam(optax.sgd(0.1),
-                                       perturb=groups.mask([DEPTH // 2])))
+                                       mask=groups.mask([DEPTH // 2])))
   first = _step_ratio(mlp, optax_sam.sam(optax.sgd(0.1),
-                                         perturb=groups.mask([0])))
+                                         mask=groups.mask([0])))
   assert last < mid < first <= 2.1
   assert 1.2 < mid < 1.8
 
@@ -60,7 +60,7 @@ def test_middle_layer_sam_costs_in_between(mlp):
 def test_c1_inside_jit_is_pruned_too(mlp):
   params, loss, x, y, sgd_grad = mlp
   mask = optax_sam.layer_groups(params).mask([-1])
-  tx = optax_sam.sam(optax.sgd(0.1), perturb=mask)
+  tx = optax_sam.sam(optax.sgd(0.1), mask=mask)
 
   def c1(p, st, xb, yb):
     g = jax.grad(loss)(p, xb, yb)

@@ -49,7 +49,7 @@ def test_partial_perturbation_matches_reference(path, layers):
   p, x, y = setup()
   params = to_jax(p)
   mask = optax_sam.layer_groups(params).mask(layers)
-  tx = optax_sam.sam(optax.sgd(LR, momentum=MOM), rho=0.1, perturb=mask)
+  tx = optax_sam.sam(optax.sgd(LR, momentum=MOM), rho=0.1, mask=mask)
   got = _run(tx, params, x, y, path)
   want = reference.run_sam_momentum(p, rolling_batches(x, y), STEPS, LR, MOM,
                                     0.1, layers=layers)
@@ -61,7 +61,7 @@ def test_perturb_as_callable_and_per_layer_normalization():
   p, x, y = setup()
   params = to_jax(p)
   tx = optax_sam.sam(optax.sgd(LR, momentum=MOM), rho=0.1, per_layer=True,
-                     perturb=lambda ps: jax.tree.map(lambda _: True, ps))
+                     mask=lambda ps: jax.tree.map(lambda _: True, ps))
   got = _run(tx, params, x, y, "c2")
   want = reference.run_sam_momentum(p, rolling_batches(x, y), STEPS, LR, MOM,
                                     0.1, per_layer=True)

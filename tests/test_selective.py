@@ -216,7 +216,7 @@ def test_branch_flops_match_static_subset():
                   params, state, x, y)
 
   def static(names):
-    st = optax_sam.sam(optax.sgd(0.1), perturb=groups.mask(names))
+    st = optax_sam.sam(optax.sgd(0.1), mask=groups.mask(names))
     return flops(optax_sam.make_update(st, loss), params, st.init(params),
                   x, y)
 

@@ -87,7 +87,7 @@ class Policy(NamedTuple):
     update: ``update(state, stats) -> PolicyState``.
     may_change: ``may_change(step) -> bool``, static, on the host.
     seed: the seed (or key) the policy was built with, or None when none was
-      given; :func:`optax_sam.selective_sam` initialises the policy with it.
+      given; :func:`optax_sam.sharpness_aware` initialises the policy with it.
   """
   init: Callable[[int, jax.Array], PolicyState]
   update: Callable[[PolicyState, LayerStats], PolicyState]
@@ -245,7 +245,7 @@ def random_k(k: int, seed: Optional[args_lib.SeedOrKey] = None) -> Policy:
   """``k`` groups drawn uniformly at random every step (a baseline).
 
   ``seed`` (an int, a raw or a typed key; None: 0) is used when ``init``
-  gets no key, and by :func:`optax_sam.selective_sam`.
+  gets no key, and by :func:`optax_sam.sharpness_aware`.
   """
   k = args_lib.check_int(k, "k", 1)
 
@@ -297,7 +297,7 @@ def bandit(
     scale_invariant: normalize rewards by their maximum (see above).
     min_prob: lower bound on every probability.
     seed: PRNG seed (an int, a raw or a typed key; None: 0) used when
-      ``init`` gets no key, and by :func:`optax_sam.selective_sam`.
+      ``init`` gets no key, and by :func:`optax_sam.sharpness_aware`.
 
   Returns:
     A :class:`Policy` whose selection may change every step.
