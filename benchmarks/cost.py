@@ -494,6 +494,17 @@ def _amortized(parts, fractions) -> dict[str, Any]:
   return row
 
 
+def default_selections(groups: optax_sam.LayerGroups
+                       ) -> dict[tuple[bool, ...], float]:
+  """Two top-2 selections, weighted equally, for a model without recorded
+  ones: the output side (the depth menu's cheapest case) and the two input
+  layers (its costliest: the backward pass reaches the input)."""
+  n = groups.num_groups
+  out = tuple(i >= n - 2 for i in range(n))
+  inp = tuple(i < 2 for i in range(n))
+  return {out: 0.5, inp: 0.5}
+
+
 def held_selections(runs) -> dict[tuple[bool, ...], int]:
   """How many recorded steps each layer selection was held, over ``runs``
   (result rows with a ``selection.trace`` of ``(step, flags)``)."""
@@ -601,6 +612,8 @@ def main(argv=None):
     if model == "cnn" and args.selections_from:
       selections, fraction = selections_from_results(
           args.selections_from, "fashion_mnist", "layerwise_sam")
+    if not selections:
+      selections = default_selections(problem.groups)
     problems = ({mode: PROBLEMS[model](**kwargs, conv_backward=mode)
                  for mode in args.conv_backward.split(",")}
                 if model in ("cnn", "resnet18") else {"auto": problem})
