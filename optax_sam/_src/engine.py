@@ -18,10 +18,14 @@ parts filled in:
 One step, with ``S`` the selection the policy made at the end of the last
 step and ``r`` the schedule's decision:
 
-1. clean pass ``g = grad L(w)``. It runs once, outside any conditional, over
-   every leaf when a later part needs all of it (``unselected="clean"``, or a
-   schedule that can reuse); otherwise inside the branch, over the branch's
-   static superset of ``S`` only;
+1. clean pass ``g = grad L(w)``, over every leaf when a later part needs all
+   of it (``unselected="clean"``, or a reuse step), else over the branch's
+   static superset of ``S`` only. It runs inside each branch, so that XLA
+   shares the forward computation of the unperturbed layers with the
+   perturbed pass (it does not across a conditional's boundary: measured,
+   a clean pass before the conditional made layer-wise SAM on an MLP's last
+   two layers 1.50x SGD instead of 1.22x); only when every leaf is perturbed
+   and a schedule can reuse does it run once, before the conditional;
 2. on a recompute step: ``eps = perturbation(g_S)`` on the selected leaves,
    and the perturbed pass at ``w + eps`` over the selected leaves
    (``unselected="clean"`` or ``"zero"``) or every leaf
@@ -294,12 +298,18 @@ def sharpness_aware(
     return executors_lib.plan(
         ex, num_groups, with_policy=policy is not None,
         recompute=bool(pred) if schedules_lib.is_static(pred) else None,
-        reuse_needs_flags=not hoisted(can_reuse(sched_state)),
+        reuse_needs_flags=(unselected == "zero"
+                           and not hoisted(can_reuse(sched_state))),
         oracle=oracle)
 
   def hoisted(reuses: bool) -> bool:
-    # The clean pass over every leaf, once, outside the branches.
-    return unselected == "clean" or (reuses and unselected == "perturbed")
+    # The clean pass over every leaf, once, before the conditional: when
+    # every leaf is perturbed (nothing of the forward pass can be shared with
+    # the perturbed pass) and a reuse branch needs it too. Otherwise it runs
+    # inside each branch, where XLA shares the forward computation of the
+    # unperturbed layers with the perturbed pass (it does not across the
+    # conditional's boundary).
+    return reuses and policy is None and mask is None
 
   def init_fn(params):
     groups = groups_of(params)
@@ -382,9 +392,20 @@ def sharpness_aware(
       if hoist:
         value, g, g_bar = None, g_full, g_full_bar
       else:
-        value, g = oracle.clean_with_value(local, wrt=sub)
-        g = keep(g, sub)
-        g_bar = step_lib.pmean_where(g, sub, axis_name)
+        # Every leaf's clean gradient where a descent or the mixer needs it.
+        full = unselected == "clean" or (unselected == "perturbed"
+                                         and reuses)
+        value, g = oracle.clean_with_value(local, wrt=None if full else sub)
+        if not full:
+          g = keep(g, sub)
+        g_bar = step_lib.pmean_where(g, None if full else sub, axis_name)
+
+      def stats(descent):
+        # The policy's per-layer statistic, reduced inside the branch (where
+        # XLA fuses it with the producer) rather than from a branch output.
+        if policy is None:
+          return None
+        return groups.sq_norms(g_bar if unselected == "clean" else descent)
       g_sub = keep(step_lib.restrict(g_bar if sync_ascent else g, sub), sub)
       sub_fraction = groups_lib.mask_fraction(sub, params)
       zero = jnp.zeros([], jnp.float32)
@@ -401,7 +422,8 @@ def sharpness_aware(
         active = (zero, jnp.float32(sub_fraction if unselected == "zero"
                                     else 1.0))
         rstats = schedules_lib.ReuseStats(zero, zero)
-        return value, descent, pstate, state.stored, rstats, age, active
+        return (value, descent, pstate, state.stored, rstats, age, active,
+                stats(descent))
       eps, pstate = perturbation.update(g_sub, state.perturbation_state,
                                         params)
       eps = keep(step_lib.restrict(eps, sub), sub)
@@ -442,26 +464,26 @@ def sharpness_aware(
       active = (jnp.float32(sub_fraction), jnp.float32(
           1.0 if full_descent else sub_fraction))
       return (value, descent, pstate, stored, rstats,
-              jnp.zeros([], jnp.int32), active)
+              jnp.zeros([], jnp.int32), active, stats(descent))
 
     the_plan = plan(num, state.schedule, oracle)
     out, branch = executors_lib.run(
         the_plan, body, selection=selection, recompute=pred,
         static_selection=static_selection, oracle=oracle)
-    value, descent, pstate, stored, rstats, age, active = out
+    value, descent, pstate, stored, rstats, age, active, sq_norms = out
     if value is not None:
       oracle.record(*value)
     pred_arr = jnp.asarray(pred, jnp.bool_)
 
     if policy is not None:
       if unselected == "clean":  # every layer's clean gradient
-        source, observed = g_full_bar, jnp.ones_like(selection)
+        observed = jnp.ones_like(selection)
       elif unselected == "zero":
-        source, observed = descent, selection
+        observed = selection
       else:
-        source, observed = descent, jnp.ones_like(selection)
+        observed = jnp.ones_like(selection)
       new_pstate = policy.update(state.policy, policies_lib.LayerStats(
-          sq_norms=groups.sq_norms(source), observed=observed,
+          sq_norms=sq_norms, observed=observed,
           sizes=jnp.asarray(groups.sizes, jnp.float32)))
       used = selection
     else:
