@@ -297,6 +297,28 @@ def _subjaxprs(eqn) -> list[Any]:
   return out
 
 
+def _any_conv(jaxpr) -> bool:
+  """Whether ``jaxpr`` runs a convolution anywhere (nested jaxprs too)."""
+  return any(eqn.primitive is jex_prims.conv_general_dilated_p
+             or any(_any_conv(j) for j in _subjaxprs(eqn))
+             for eqn in jaxpr.eqns)
+
+
+def runs_convolutions(fn: Callable[..., Any], *args: Any) -> bool:
+  """Whether ``fn(*args)`` runs a convolution (traced, not run)."""
+  flat, tree = jax.tree.flatten(args)
+  dyn = [i for i, x in enumerate(flat) if _is_array(x)]
+
+  def flat_fn(*arrays):
+    full = list(flat)
+    for i, x in zip(dyn, arrays):
+      full[i] = x
+    return fn(*jax.tree.unflatten(tree, full))
+
+  closed = jax.make_jaxpr(flat_fn)(*[flat[i] for i in dyn])
+  return _any_conv(closed.jaxpr)
+
+
 def _has_conv(jaxpr) -> bool:
   """Whether :func:`_eval` would rewrite a convolution of ``jaxpr``."""
   for eqn in jaxpr.eqns:

@@ -207,9 +207,12 @@ def sharpness_aware(
       ``"perturbed"`` without one.
     alpha: on the selected leaves the descent gradient is
       ``(1 - alpha) g + alpha g_adv``, in ``[0, 1]``; 1 is SAM.
-    executor: ``"auto"`` (default: ``"switch"``, except for C1 calls on the
-      CPU, where XLA's convolution gradients inside a conditional are slow
-      and ``"dense"`` is used), ``"switch"`` (one program, a ``lax.switch``
+    executor: ``"auto"`` (default: ``"switch"``, except on the CPU when the
+      passes would differentiate XLA's own convolutions inside a
+      conditional, 10-40x slower there: a C1 ``grad_fn`` with convolutions,
+      or C2 with ``conv_backward="xla"``; those compute every step's ascent
+      with no conditional, SAM's cost, see
+      :func:`optax_sam.executors.auto`), ``"switch"`` (one program, a ``lax.switch``
       over the menu x recompute/reuse), ``"specialize"`` (one program per
       decision, driven by :class:`optax_sam.SpecializedStep`), ``"dense"``
       (the selection applied as a mask: the reference, no saving from it;
@@ -293,14 +296,14 @@ def sharpness_aware(
     pred = schedule.decide(sched_state)
     return not (schedules_lib.is_static(pred) and bool(pred))
 
-  def plan(num_groups, sched_state, oracle=None):
+  def plan(num_groups, sched_state, oracle=None, params=None):
     pred = schedule.decide(sched_state)
     return executors_lib.plan(
         ex, num_groups, with_policy=policy is not None,
         recompute=bool(pred) if schedules_lib.is_static(pred) else None,
         reuse_needs_flags=(unselected == "zero"
                            and not hoisted(can_reuse(sched_state))),
-        oracle=oracle)
+        oracle=oracle, params=params)
 
   def hoisted(reuses: bool) -> bool:
     # The clean pass over every leaf, once, before the conditional: when
@@ -466,7 +469,7 @@ def sharpness_aware(
       return (value, descent, pstate, stored, rstats,
               jnp.zeros([], jnp.int32), active, stats(descent))
 
-    the_plan = plan(num, state.schedule, oracle)
+    the_plan = plan(num, state.schedule, oracle, local)
     out, branch = executors_lib.run(
         the_plan, body, selection=selection, recompute=pred,
         static_selection=static_selection, oracle=oracle)

@@ -122,14 +122,21 @@ class Executor(NamedTuple):
   """
   name: str
   menu: Optional[Callable[[int], Menu]] = None
+  conditional: bool = True
 
 
-def dense() -> Executor:
+def dense(conditional: bool = True) -> Executor:
   """The reference: every group computed, the selection applied as a mask.
 
-  A schedule's recompute/reuse decision still runs as a conditional (that
-  is the reuse saving)."""
-  return Executor("dense", lambda n: Menu((tuple([True] * n),)))
+  Args:
+    conditional: a schedule's recompute/reuse decision runs as a
+      conditional (the reuse saving). False: both are computed and the
+      decision selects one, with no conditional at all (every step costs
+      SAM's two passes, never more; what ``auto`` falls back to where
+      conditionals are slow).
+  """
+  return Executor("dense", lambda n: Menu((tuple([True] * n),)),
+                  bool(conditional))
 
 
 def switch(menu: MenuSpec = None) -> Executor:
@@ -163,10 +170,12 @@ def specialize() -> Executor:
 
 
 def auto() -> Executor:
-  """``switch``, except where its branches would be slow: a C1 call
-  (``grad_fn`` given by the user) or a C2 call with ``conv_backward="xla"``
-  on the CPU, whose convolution gradients XLA runs 10-40x slower inside a
-  conditional; those use ``dense``."""
+  """``switch``, except where its branches would be slow: on the CPU, when
+  the passes would differentiate XLA's own convolutions inside a
+  conditional (10-40x slower there): a C1 ``grad_fn`` that runs
+  convolutions, or C2 with ``conv_backward="xla"``. Those use
+  ``dense(conditional=False)``: no conditional, SAM's cost on every step
+  (never more). C2's default ``conv_backward="auto"`` keeps ``switch``."""
   return Executor("auto", None)
 
 
@@ -188,16 +197,17 @@ def get_executor(executor: Union[str, Executor, None],
   return EXECUTORS[executor]()
 
 
-def resolve_auto(executor: Executor, oracle: Any = None) -> Executor:
+def resolve_auto(executor: Executor, oracle: Any = None,
+                 params: Any = None) -> Executor:
   """The executor ``auto`` stands for with this oracle (``switch`` when no
   oracle is known yet, e.g. to size the state)."""
   if executor.name != "auto":
     return executor
   if oracle is None or jax.default_backend() != "cpu":
     return switch()
-  if getattr(oracle, "branch_loss_fn", None) is not None:
-    return switch()  # C2: branches differentiate with the forward form
-  return dense()
+  if oracle.slow_in_conditionals(params):
+    return dense(conditional=False)
+  return switch()
 
 
 Case = tuple[Flags, bool]
@@ -229,9 +239,9 @@ class Plan(NamedTuple):
 
 def plan(executor: Executor, num_groups: int, *, with_policy: bool,
          recompute: Optional[bool], reuse_needs_flags: bool,
-         oracle: Any = None) -> Plan:
+         oracle: Any = None, params: Any = None) -> Plan:
   """The branches the engine compiles for one step."""
-  ex = resolve_auto(executor, oracle)
+  ex = resolve_auto(executor, oracle, params)
   full = tuple([True] * num_groups)
   if ex.name == "specialize":
     entries: tuple[Flags, ...] = ()
@@ -331,6 +341,10 @@ def run(the_plan: Plan, body: Callable[[Flags, bool], Any], *,
     cases, local = list(the_plan.cases), index
   if len(cases) == 1:
     return body(*cases[0]), index
+  if not the_plan.executor.conditional:  # every case, then select
+    outs = [body(*c) for c in cases]
+    return jax.tree.map(lambda *xs: jax.lax.select_n(local, *xs),
+                        *outs), index
   with conditional:
     out = jax.lax.switch(local, [lambda c=c: body(*c) for c in cases])
   return out, index

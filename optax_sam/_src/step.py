@@ -112,6 +112,19 @@ class GradientOracle:
 
   value: Optional[tuple[Any, Any]] = None
   conditional_depth: int = 0
+  _slow: Optional[bool] = None
+
+  def slow_in_conditionals(self, params: PyTree) -> bool:
+    """Whether, on the CPU, the passes this oracle would run inside a
+    conditional differentiate XLA convolutions (10-40x slower there, see
+    ``conv.py``); computed once per trace."""
+    if self._slow is None:
+      self._slow = self._runs_xla_convs(params)
+    return self._slow
+
+  def _runs_xla_convs(self, params: PyTree) -> bool:
+    del params
+    return False
 
   @contextlib.contextmanager
   def conditional(self) -> Iterator[None]:
@@ -161,6 +174,10 @@ class GivenGradients(GradientOracle):
                grad_fn: Callable[[PyTree, int], PyTree]):
     self.grads = grads
     self.grad_fn = grad_fn
+
+  def _runs_xla_convs(self, params):
+    # The user's gradient function: its backward convolutions are XLA's.
+    return conv_lib.runs_convolutions(self.grad_fn, params, 0)
 
   def clean_with_value(self, params, wrt=None):
     _check_same_structure(self.grads, params, "the gradient (updates)")
@@ -213,6 +230,11 @@ class LossOracle(GradientOracle):
       grads[i] = g
     loss, aux = out if self.has_aux else (out, None)
     return loss, aux, jax.tree.unflatten(treedef, grads)
+
+  def _runs_xla_convs(self, params):
+    if self.branch_loss_fn is not None:  # branches use the forward form
+      return False
+    return conv_lib.runs_convolutions(self.loss_fn, params, *self.args)
 
   def clean_with_value(self, params, wrt=None):
     loss, aux, grads = self._value_and_grad(params, wrt)
