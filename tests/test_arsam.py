@@ -233,7 +233,7 @@ def test_inject_hyperparams(factory):
   p, x, y = setup()
   params = to_jax(p)
   kw = {"schedule": optax_sam.schedules.recompute_every(2)} if (
-      factory is optax_sam.arsam) else {"k": 2}
+      factory is optax_sam.arsam) else {"every": 2}
   static = ("schedule",) if factory is optax_sam.arsam else ()
   injected = optax.inject_hyperparams(factory, static_args=static)(
       optimizer=optax.sgd(LR), rho=RHO, **kw)

@@ -10,7 +10,7 @@ from _util import selective, assert_trees_close, jax_loss, setup, to_jax
 
 
 @pytest.mark.parametrize("make", [
-    lambda: optax_sam.looksam(optax.sgd(0.1, momentum=0.9), k=3),
+    lambda: optax_sam.looksam(optax.sgd(0.1, momentum=0.9), every=3),
     lambda: optax_sam.arsam(optax.sgd(0.1, momentum=0.9), schedule=(
         optax_sam.schedules.recompute_with_probability(0.4)), seed=1),
 ], ids=["looksam", "arsam_bernoulli"])

@@ -50,11 +50,11 @@ from typing import Any, Optional, Sequence, Union
 import optax
 
 from optax_sam._src import arguments as args_lib
-from optax_sam._src import engine
 from optax_sam._src import executors as executors_lib
 from optax_sam._src import groups as groups_lib
 from optax_sam._src import perturb as perturb_lib
 from optax_sam._src import policies as policies_lib
+from optax_sam._src import sam as sam_lib
 from optax_sam._src import schedules as schedules_lib
 
 
@@ -155,12 +155,11 @@ def layerwise_sam(
   every = args_lib.renamed(every, interval, "every", "interval", 100)
   policy = layerwise_policy(num_layers, every, statistic=statistic,
                             ema=ema, initial=initial)
-  return engine.sharpness_aware(
-      optimizer,
-      perturb_lib.sam_perturbation(rho, per_layer=per_layer, labels=labels),
-      policy=policy, schedule=schedule, mixer=mixer, unselected=unselected,
-      alpha=alpha, executor=executor, labels=labels, order=order,
-      axis_name=axis_name, sync_ascent=sync_ascent)
+  return sam_lib.sam(
+      optimizer, rho, per_layer=per_layer, labels=labels, policy=policy,
+      schedule=schedule, mixer=mixer, unselected=unselected, alpha=alpha,
+      executor=executor, order=order, axis_name=axis_name,
+      sync_ascent=sync_ascent)
 
 
 lagnp = layerwise_sam

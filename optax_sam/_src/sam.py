@@ -20,7 +20,7 @@ averaged.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Union
+from typing import Any, NamedTuple, Optional, Union
 
 import optax
 
@@ -46,7 +46,9 @@ def sam(
     schedule: Optional[schedules_lib.ReuseSchedule] = None,
     mixer: Optional[schedules_lib.Mixer] = None,
     unselected: Optional[str] = None,
+    alpha: float = 1.0,
     executor: Union[str, executors_lib.Executor, None] = "auto",
+    order: Any = None,
     axis_name: Optional[str] = None,
     sync_ascent: bool = False,
     perturb: groups_lib.MaskOrFn = None,
@@ -84,7 +86,11 @@ def sam(
     unselected: what leaves outside the selection descend along (see
       :func:`optax_sam.sharpness_aware`; default ``"perturbed"``, SAM's
       definition, or ``"clean"`` with a policy).
+    alpha: the selected leaves descend along ``(1 - alpha) g + alpha
+      g_adv`` (1: SAM).
     executor: see :func:`optax_sam.sharpness_aware`.
+    order: group order of the policy's layers (see
+      :func:`optax_sam.layer_groups`).
     axis_name: mapped axis to average the descent gradient over.
     sync_ascent: also average the ascent gradient (default: m-sharpness).
     perturb: deprecated name of ``mask``.
@@ -101,8 +107,9 @@ def sam(
       optimizer,
       perturb_lib.sam_perturbation(rho, per_layer=per_layer, labels=labels),
       mask=mask, perturb=perturb, policy=policy, schedule=schedule,
-      mixer=mixer, unselected=unselected, executor=executor, labels=labels,
-      axis_name=axis_name, sync_ascent=sync_ascent)
+      mixer=mixer, unselected=unselected, alpha=alpha, executor=executor,
+      labels=labels, order=order, axis_name=axis_name,
+      sync_ascent=sync_ascent)
 
 
 class PlainState(NamedTuple):
