@@ -18,6 +18,7 @@ Seeds and keys: everywhere a seed is taken, an integer, a raw ``uint32`` key
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Optional, Union
 
 import jax
@@ -134,25 +135,20 @@ def same_seed(a: SeedOrKey, b: SeedOrKey) -> Optional[bool]:
   return ka.shape == kb.shape and bool(np.all(ka == kb))
 
 
-_UNSET = object()
-
-
 def renamed(new_value: Any, old_value: Any, new: str, old: str,
             default: Any) -> Any:
   """Resolves an argument renamed from ``old`` to ``new`` (one release of
   deprecation): warns when ``old`` is used, raises when both are given.
 
-  ``new_value`` is :data:`UNSET` (or None) when the caller left ``new`` out.
+  ``new_value`` (``old_value``) is None when the caller left ``new``
+  (``old``) out.
   """
-  import warnings  # pylint: disable=g-import-not-at-top
   if old_value is None:
-    return default if new_value is None or new_value is _UNSET else new_value
-  if new_value is not None and new_value is not _UNSET:
+    return default if new_value is None else new_value
+  if new_value is not None:
     raise TypeError(f"got both {new}= and its deprecated name {old}=; pass "
                     f"{new}= only.")
   warnings.warn(f"{old}= is deprecated; use {new}=.", DeprecationWarning,
                 stacklevel=3)
   return old_value
 
-
-UNSET = _UNSET
