@@ -304,19 +304,28 @@ def _any_conv(jaxpr) -> bool:
              for eqn in jaxpr.eqns)
 
 
+def _trace(fn: Callable[..., Any], args: tuple[Any, ...],
+           kwargs: dict[str, Any]) -> tuple[Any, Any, list[Any]]:
+  """``fn(*args, **kwargs)`` as a closed jaxpr over its array arguments
+  (the others stay static): ``(closed_jaxpr, out_shape, arrays)``."""
+  leaves, treedef = jax.tree.flatten((args, kwargs))
+  traced = [i for i, x in enumerate(leaves) if _is_array(x)]
+
+  def flat_fn(*dyn):
+    full = list(leaves)
+    for i, x in zip(traced, dyn):
+      full[i] = x
+    a, k = jax.tree.unflatten(treedef, full)
+    return fn(*a, **k)
+
+  dyn = [leaves[i] for i in traced]
+  closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*dyn)
+  return closed, out_shape, dyn
+
+
 def runs_convolutions(fn: Callable[..., Any], *args: Any) -> bool:
   """Whether ``fn(*args)`` runs a convolution (traced, not run)."""
-  flat, tree = jax.tree.flatten(args)
-  dyn = [i for i, x in enumerate(flat) if _is_array(x)]
-
-  def flat_fn(*arrays):
-    full = list(flat)
-    for i, x in zip(dyn, arrays):
-      full[i] = x
-    return fn(*jax.tree.unflatten(tree, full))
-
-  closed = jax.make_jaxpr(flat_fn)(*[flat[i] for i in dyn])
-  return _any_conv(closed.jaxpr)
+  return _any_conv(_trace(fn, args, {})[0].jaxpr)
 
 
 def _has_conv(jaxpr) -> bool:
@@ -410,18 +419,7 @@ def forward_form_convs(fn: Callable[..., Any]) -> Callable[..., Any]:
 
   @functools.wraps(fn)
   def wrapped(*args, **kwargs):
-    leaves, treedef = jax.tree.flatten((args, kwargs))
-    traced = [i for i, x in enumerate(leaves) if _is_array(x)]
-
-    def flat_fn(*dyn):
-      full = list(leaves)
-      for i, x in zip(traced, dyn):
-        full[i] = x
-      a, k = jax.tree.unflatten(treedef, full)
-      return fn(*a, **k)
-
-    dyn = [leaves[i] for i in traced]
-    closed, out_shape = jax.make_jaxpr(flat_fn, return_shape=True)(*dyn)
+    closed, out_shape, dyn = _trace(fn, args, kwargs)
     if not _has_conv(closed.jaxpr):
       return fn(*args, **kwargs)
     out = _eval(closed.jaxpr, closed.consts, dyn)
