@@ -105,6 +105,15 @@ def _looksam(base, rho=0.05, every=5, alpha=0.7, driver="host", **hp):
                 specialized=driver == "host")
 
 
+# SL-SAM (Cheng et al. 2026) in the authors' README / ViT setting: a fifth
+# of the tensors per step, rho 0.01. Plain "slsam" falls through to
+# optax_sam.slsam and its defaults.
+@register("slsam_vit")
+def _slsam_vit(base, rho=0.01, fraction=0.2, **hp):
+  return Method(optax_sam.slsam(base, rho=rho, fraction=fraction, **hp), None,
+                dict(rho=rho, fraction=fraction, **hp))
+
+
 _REGISTRY["lagnp"] = _REGISTRY["layerwise_sam"]
 
 

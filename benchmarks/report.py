@@ -153,6 +153,55 @@ def selection_tables(name: str, res: dict[str, Any]) -> list[str]:
   return out
 
 
+def _pm(s: dict[str, Any], key: str, spec: str) -> str:
+  """``mean ± std`` of a summary column (``-`` when absent)."""
+  if s.get(key) is None:
+    return "-"
+  std = s.get(key + "_std")
+  return _fmt(s[key], spec) + ("" if std is None else
+                               " ± " + _fmt(std, spec.lstrip("+")))
+
+
+def _kib(s: dict[str, Any], key: str) -> str:
+  return "-" if s.get(key) is None else f"{s[key] / 1024:.1f}"
+
+
+_COST_HEADER = ("ms/step | train time/AdamW | ascent active | descent active "
+                "| active/SGD | temp KiB | arguments KiB | outputs KiB | "
+                "opt. state KiB")
+_COST_COLUMNS = ("*ms/step*: the timed steps' wall time per step (steps "
+                 "that compiled a program are timed apart); *ascent / "
+                 "descent active*: mean over the steps of the fraction of "
+                 "parameters each pass covered, from `SharpnessAwareState` "
+                 "(AdamW alone: 0 and 1); *active/SGD*: their sum, relative "
+                 "to SGD's one full backward; *temp / arguments / outputs*: "
+                 "the compiled step's `memory_analysis()` (host-driven "
+                 "methods: the program with the largest temporary buffer); "
+                 "*opt. state*: bytes of the optimizer state's leaves.")
+
+
+def _cost_cells(s: dict[str, Any]) -> str:
+  return (f"{_fmt(s.get('step_time_ms'), '.2f')} | "
+          f"{_fmt(s.get('train_time_ratio'), '.2f')} | "
+          f"{_fmt(s.get('ascent_active'), '.3f')} | "
+          f"{_fmt(s.get('descent_active'), '.3f')} | "
+          f"{_pm(s, 'active_ratio', '.3f')} | "
+          f"{_kib(s, 'memory_temp_size_in_bytes')} | "
+          f"{_kib(s, 'memory_argument_size_in_bytes')} | "
+          f"{_kib(s, 'memory_output_size_in_bytes')} | "
+          f"{_kib(s, 'state_bytes')}")
+
+
+def _defaults_line(res: dict[str, Any]) -> list[str]:
+  d = res.get("method_defaults") or {}
+  if not d:
+    return []
+  return ["Methods by their library defaults: " + "; ".join(
+      f"`{m}` (" + ", ".join(f"{k}={v}" for k, v in kw.items()
+                             if v is not None) + ")"
+      for m, kw in d.items()) + ".", ""]
+
+
 def lm_tables(name: str, res: dict[str, Any]) -> list[str]:
   st, pre = res["settings"], res["pretrain"]
   out = [f"### `{name}.json`", "", _provenance_line(res["provenance"]), "",
@@ -164,17 +213,76 @@ def lm_tables(name: str, res: dict[str, Any]) -> list[str]:
          f"fine-tuned {st['finetune_steps']} steps on the comedies by each "
          "method with AdamW (lr "
          f"{st['finetune_lr']} cosine); validation on held-out comedy text, "
-         "mean ± std over seeds; \"sgd\" is AdamW alone.", "",
-         "| method | val loss (nats/char) | Δ vs AdamW (paired) | perplexity "
-         "| train time/AdamW |", "|---|---|---|---|---|"]
+         "mean ± std over seeds; \"sgd\" is AdamW alone.", ""]
+  if not any("forgetting" in s for s in res["summary"].values()):
+    out += ["| method | val loss (nats/char) | Δ vs AdamW (paired) | "
+            "perplexity | train time/AdamW |", "|---|---|---|---|---|"]
+    for m, s in res["summary"].items():
+      out.append(f"| {m} | {_pm(s, 'val_loss', '.4f')} | "
+                 f"{_pm(s, 'val_loss_minus_base', '+.4f')} | "
+                 f"{s['perplexity']:.3f} | "
+                 f"{_fmt(s.get('train_time_ratio'), '.2f')} |")
+    return out + [""]
+  out += _defaults_line(res)
+  out += ["*Forgetting*: validation loss on the pre-training plays after "
+          "fine-tuning minus the pre-trained model's "
+          f"({pre['val_loss_pretrain_corpus']:.4f}); Δ columns are paired "
+          "differences to AdamW on the same seed.", "",
+          "| method | val loss (nats/char) | Δ vs AdamW | perplexity | "
+          "forgetting | Δ forgetting vs AdamW |",
+          "|---|---|---|---|---|---|"]
   for m, s in res["summary"].items():
-    out.append(f"| {m} | {s['val_loss']:.4f} ± {s['val_loss_std']:.4f} | "
-               f"{_fmt(s.get('val_loss_minus_base'), '+.4f')} ± "
-               f"{_fmt(s.get('val_loss_minus_base_std'), '.4f')} | "
-               f"{s['perplexity']:.3f} | "
-               f"{_fmt(s.get('train_time_ratio'), '.2f')} |")
-  out.append("")
-  return out
+    out.append(f"| {m} | {_pm(s, 'val_loss', '.4f')} | "
+               f"{_pm(s, 'val_loss_minus_base', '+.4f')} | "
+               f"{_fmt(s.get('perplexity'), '.3f')} | "
+               f"{_pm(s, 'forgetting', '+.4f')} | "
+               f"{_pm(s, 'forgetting_minus_base', '+.4f')} |")
+  return out + [""] + _cost_table(res)
+
+
+def _cost_table(res: dict[str, Any]) -> list[str]:
+  out = ["| method | " + _COST_HEADER + " |", "|---" * 10 + "|"]
+  for m, s in res["summary"].items():
+    out.append(f"| {m} | {_cost_cells(s)} |")
+  wall = res.get("wall_time_s")
+  return out + ["", _COST_COLUMNS, ""] + (
+      [f"Recorded in {wall:.0f} s of wall time (pre-training included).", ""]
+      if wall is not None else [])
+
+
+def finetune_vision_tables(name: str, res: dict[str, Any]) -> list[str]:
+  """``benchmarks.finetune``: Fashion-MNIST classes 0-4, then 5-9."""
+  st, t, pre = res["settings"], res["task"], res["pretrain"]
+  model = (f"MLP (hidden {st['hidden']})" if st["model"] == "mlp" else
+           f"SmallCNN (width {st['width']})")
+  out = [f"### `{name}.json`", "", _provenance_line(res["provenance"]), "",
+         f"Fashion-MNIST, {model}, {t['param_count']} parameters: "
+         f"pre-trained {pre['steps']} steps with AdamW (lr {st['lr']} "
+         f"cosine) on classes 0-4 ({t['pretrain_examples']} images; test "
+         f"accuracy {pre['old_test_acc']:.4f}), then fine-tuned "
+         f"{t['finetune_steps']} steps ({st['finetune_epochs']} epochs of "
+         f"{t['finetune_examples']} images of classes 5-9, batch "
+         f"{st['batch']}, AdamW lr {st['finetune_lr']} cosine) by each "
+         f"method. The 5-way head (`{pre['head']}`) is re-initialised for "
+         "fine-tuning; the pre-trained head is kept aside, and *old acc* is "
+         "the fine-tuned body with it on the test images of classes 0-4 "
+         "(*forgetting* = accuracy before minus after). Test figures on "
+         f"{t['test_examples'][1]} images of classes 5-9; mean ± std over "
+         "seeds; Δ columns are paired differences to AdamW (\"sgd\") on the "
+         "same seed.", ""]
+  out += _defaults_line(res)
+  out += ["| method | test acc | Δ acc vs AdamW | test NLL | Δ NLL vs AdamW "
+          "| old acc after | forgetting | Δ forgetting vs AdamW |",
+          "|---|---|---|---|---|---|---|---|"]
+  for m, s in res["summary"].items():
+    out.append(f"| {m} | {_pm(s, 'test_acc', '.4f')} | "
+               f"{_pm(s, 'test_acc_minus_base', '+.4f')} | "
+               f"{_pm(s, 'test_nll', '.4f')} | "
+               f"{_pm(s, 'test_nll_minus_base', '+.4f')} | "
+               f"{_pm(s, 'old_acc_after', '.4f')} | "
+               f"{_pm(s, 'forgetting', '.4f')} | "
+               f"{_pm(s, 'forgetting_minus_base', '+.4f')} |")
+  return out + [""] + _cost_table(res)
 
 
 def plot_benefit(name: str, res: dict[str, Any]) -> list[str]:
@@ -226,6 +334,8 @@ def build(results_dir: str = RESULTS) -> tuple[str, list[str]]:
         rel = os.path.relpath(p, os.path.dirname(README))
         md += [f"![{name}]({rel})", ""]
         images.append(p)
+    elif res.get("kind") == "finetune_vision":
+      md += finetune_vision_tables(name, res)
     elif "pretrain" in res:
       md += lm_tables(name, res)
     elif name.startswith("selection"):

