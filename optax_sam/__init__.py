@@ -46,6 +46,7 @@ from optax_sam._src.perturb import sam_perturbation
 from optax_sam._src.sam import PlainState
 from optax_sam._src.sam import plain
 from optax_sam._src.sam import sam
+from optax_sam._src.slsam import slsam
 from optax_sam._src.step import GradientOracle
 from optax_sam._src.step import make_update
 
@@ -80,6 +81,7 @@ __all__ = (
     "sam_perturbation",
     "schedules",
     "select_conv",
+    "slsam",
     "sharpness_aware",
     "specialize",
     "switch",

@@ -8,6 +8,7 @@ from optax_sam._src.executors import SpecializedStep
 from optax_sam._src.executors import auto
 from optax_sam._src.executors import dense
 from optax_sam._src.executors import depth_menu
+from optax_sam._src.executors import gated
 from optax_sam._src.executors import specialize
 from optax_sam._src.executors import subset_menu
 from optax_sam._src.executors import switch
@@ -19,6 +20,7 @@ __all__ = (
     "auto",
     "dense",
     "depth_menu",
+    "gated",
     "specialize",
     "subset_menu",
     "switch",

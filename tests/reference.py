@@ -340,3 +340,64 @@ def run_reuse_momentum(p, batches, steps, lr, momentum, rho, decide, store,
     p = tmap(lambda a, tr: a - lr * tr, p, trace)
     out.append(p)
   return out, decisions
+
+
+# --- SL-SAM: a line-by-line numpy port of the authors' SLSAM.get_prob. ---
+
+
+def slsam_get_prob(prob, s, alpha_p, abs_grad_array, idx_array):
+  """``SLSAM.get_prob`` (github.com/chengyif/SL-SAM), ported line by line
+  to numpy float64: the new probabilities from the old ones ``prob``, the
+  budget ``s``, the bandit rate ``alpha_p``, and the gradient norms
+  ``abs_grad_array`` of the tensors ``idx_array`` drawn this step."""
+  prob = np.array(prob, np.float64)
+  abs_grad_array = np.asarray(abs_grad_array, np.float64)
+  big_l = max(abs_grad_array)
+  p_min = 0.001
+  w = prob  # an alias, as in the code: prob is updated in place
+  budget = s * len(w)
+  prob_array = prob[idx_array]
+  l_hat_raw = -(abs_grad_array / prob_array) ** 2 + (big_l / p_min) ** 2
+  l_hat = l_hat_raw - np.min(l_hat_raw)
+  w[idx_array] = prob_array * np.exp(-alpha_p * l_hat / prob_array)
+  sort_indx = np.argsort(-w)
+  w_sort = -np.sort(-w)
+  j = 0
+  while j < len(w):
+    i = sort_indx[j]
+    temp_sum = max(sum(w_sort[j:]), 1e-5)
+    if w[i] * budget <= temp_sum:
+      for k in range(j, len(w)):
+        i = sort_indx[k]
+        prob[i] = w[i] * budget / float(temp_sum)
+      j = len(w) + 1
+    else:
+      prob[i] = 1
+      budget -= 1
+    j += 1
+  return np.clip(prob, a_min=1e-8, a_max=1.0)
+
+
+def run_slsam_momentum(p, x, y, selections, lr, momentum, rho):
+  """SL-SAM with optax.sgd(lr, momentum) given each step's drawn leaves
+  (``selections[t]``: a set of (layer, name) pairs): the clean gradient
+  of the drawn leaves, ``eps = rho g_S / ||g_S||`` on them, the gradient at
+  ``w + eps`` as their descent; leaves not drawn keep their parameters and
+  their momentum (PyTorch skips a tensor without a gradient)."""
+  p = tmap(lambda a: a.astype(np.float64), p)
+  trace = tmap(np.zeros_like, p)
+  out = []
+  for sel in selections:
+    _, g = loss_and_grad(p, x, y)
+    norm = np.sqrt(sum(float(np.sum(g[k][n] ** 2)) for k, n in sel))
+    scale = rho / norm if norm > 0 else 0.0
+    w_adv = {k: {n: (p[k][n] + scale * g[k][n] if (k, n) in sel
+                     else p[k][n]) for n in p[k]} for k in p}
+    _, g_adv = loss_and_grad(w_adv, x, y)
+    for k in p:
+      for n in p[k]:
+        if (k, n) in sel:
+          trace[k][n] = g_adv[k][n] + momentum * trace[k][n]
+          p[k][n] = p[k][n] - lr * trace[k][n]
+    out.append(tmap(np.copy, p))
+  return out

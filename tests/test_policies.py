@@ -110,30 +110,19 @@ def test_random_k_deterministic_and_jittable():
     optax_sam.policies.random_k(6).init(5, None)
 
 
-def _np_bandit_probs(probs, selected, sq, eta, fraction):
-  """The SL-SAM update of the probabilities, in plain numpy."""
-  probs = np.asarray(probs, np.float64)
-  sel = np.asarray(selected, bool)
-  reward = np.where(sel, np.asarray(sq) / probs, 0.0)
-  best = reward[sel].max()
-  w = np.where(sel, probs * np.exp(-eta * (best - reward) / probs), probs)
-  target = fraction * len(probs)
-  p = w / w.sum() * target
-  for _ in range(3):
-    p = np.minimum(p, 1.0)
-    free = p < 1.0
-    p = np.where(free, p * (target - p[~free].sum()) / p[free].sum(), p)
-  return np.clip(p, 1e-3, 1.0)
-
-
 def test_bandit_update_matches_numpy():
+  """The probabilities follow the numpy port of SL-SAM's get_prob (more
+  cases in test_slsam.py)."""
+  import reference  # pylint: disable=g-import-not-at-top
   fraction, eta = 0.5, 0.1
   pol = optax_sam.policies.bandit(fraction, eta)
   s = pol.init(4, jax.random.PRNGKey(0))
   np.testing.assert_allclose(s.score, [0.5] * 4)
   sq = np.array([4.0, 1.0, 0.25, 2.0], np.float32)
   for _ in range(4):
-    expected = _np_bandit_probs(s.score, s.selection, sq, eta, fraction)
+    drawn = np.nonzero(np.asarray(s.selection))[0]
+    expected = reference.slsam_get_prob(s.score, fraction, eta,
+                                        np.sqrt(sq[drawn]), drawn)
     s = pol.update(s, _stats(sq))
     np.testing.assert_allclose(s.score, expected, rtol=1e-5)
     assert sum(_sel(s)) >= 1

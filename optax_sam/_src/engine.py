@@ -66,6 +66,7 @@ from typing import Any, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from optax_sam._src import arguments as args_lib
@@ -150,6 +151,29 @@ def _restricted(tree: PyTree, mask: PyTree) -> list[Any]:
           if m]
 
 
+def _active_leaves(static_mask: PyTree, leaf_sel: Optional[PyTree]
+                   ) -> PyTree:
+  """Per leaf: False outside the static mask, else the run-time selection
+  (True without a policy)."""
+  flags = jax.tree.leaves(static_mask)
+  sel = (jax.tree.leaves(leaf_sel) if leaf_sel is not None
+         else [True] * len(flags))
+  return jax.tree.unflatten(jax.tree.structure(static_mask), [
+      s if m else False for m, s in zip(flags, sel)])
+
+
+def _active_fraction(params: PyTree, sub: PyTree, leaf_sel: PyTree
+                     ) -> jax.Array:
+  """Fraction of parameters in ``sub`` and the run-time selection."""
+  sizes = [float(np.prod(np.shape(p))) for p in jax.tree.leaves(params)]
+  total = max(sum(sizes), 1.0)
+  active = jnp.zeros([], jnp.float32)
+  for n, m, s in zip(sizes, jax.tree.leaves(sub), jax.tree.leaves(leaf_sel)):
+    if m:
+      active = active + jnp.where(s, n, 0.0)
+  return active / total
+
+
 def sharpness_aware(
     optimizer: optax.GradientTransformation,
     perturbation: Optional[optax.GradientTransformation] = None,
@@ -168,6 +192,7 @@ def sharpness_aware(
     seed: Optional[args_lib.SeedOrKey] = None,
     axis_name: Optional[str] = None,
     sync_ascent: bool = False,
+    freeze_unselected: bool = False,
     perturb: groups_lib.MaskOrFn = None,
 ) -> optax.GradientTransformationExtraArgs:
   """A sharpness-aware step: perturbation x layer policy x schedule.
@@ -207,7 +232,10 @@ def sharpness_aware(
       ``"perturbed"`` without one.
     alpha: on the selected leaves the descent gradient is
       ``(1 - alpha) g + alpha g_adv``, in ``[0, 1]``; 1 is SAM.
-    executor: ``"auto"`` (default: ``"switch"``, except on the CPU when the
+    executor: ``"gated"`` (one program whose passes skip the unselected
+      leaves' weight-gradient products at run time, C2 only; see
+      :func:`optax_sam.executors.gated`), ``"auto"`` (default:
+      ``"switch"``, except on the CPU when the
       passes would differentiate XLA's own convolutions inside a
       conditional, 10-40x slower there: a C1 ``grad_fn`` with convolutions,
       or C2 with ``conv_backward="xla"``; those compute every step's ascent
@@ -235,6 +263,15 @@ def sharpness_aware(
     sync_ascent: also average the ascent gradient over ``axis_name``
       (default False: each device perturbs with its own shard's gradient,
       m-sharpness, as in the SAM authors' code).
+    freeze_unselected: with ``unselected="zero"``, the leaves outside the
+      step's selection are frozen: zero update, and every part of the base
+      optimizer's state shaped like the parameters (momenta, Adam moments)
+      keeps its value for them, as PyTorch skips a tensor without a
+      gradient (no weight decay either). Shared scalars of the state, such
+      as optax's single step ``count``, still advance every step (PyTorch
+      keeps one per tensor): Adam's bias correction then follows the global
+      step. False (default): they get a zero gradient, which the base
+      optimizer's momentum and weight decay still act on.
     perturb: deprecated name of ``mask``.
 
   Returns:
@@ -271,6 +308,9 @@ def sharpness_aware(
                      f"{unselected!r}.")
   if sync_ascent and axis_name is None:
     raise ValueError("sync_ascent=True needs an axis_name.")
+  if freeze_unselected and unselected != "zero":
+    raise ValueError("freeze_unselected=True needs unselected='zero' (the "
+                     f"unselected leaves get no gradient), got {unselected!r}.")
   if mask is not None and not callable(mask):
     for m in jax.tree.leaves(mask):  # structure is checked at update
       if not isinstance(m, (bool, int)) and not hasattr(m, "dtype"):
@@ -381,6 +421,13 @@ def sharpness_aware(
       g_full = oracle.clean(local)
       g_full_bar = step_lib.pmean_where(g_full, None, axis_name)
 
+    the_plan = plan(num, state.schedule, oracle, local)
+    # The gated executor: one full program whose passes skip, at run time,
+    # the products that serve unselected leaves only.
+    gating = the_plan.executor.name == "gated" and leaf_sel is not None
+    pass_gates = leaf_sel if gating else None
+    sizes = jnp.asarray(groups.sizes, jnp.float32)
+
     def keep(tree, sub):
       """Zeros the leaves of ``sub`` outside the run-time selection."""
       if leaf_sel is None:
@@ -398,7 +445,9 @@ def sharpness_aware(
         # Every leaf's clean gradient where a descent or the mixer needs it.
         full = unselected == "clean" or (unselected == "perturbed"
                                          and reuses)
-        value, g = oracle.clean_with_value(local, wrt=None if full else sub)
+        value, g = oracle.clean_with_value(
+            local, wrt=None if full else sub,
+            gates=None if full else pass_gates)
         if not full:
           g = keep(g, sub)
         g_bar = step_lib.pmean_where(g, None if full else sub, axis_name)
@@ -408,9 +457,16 @@ def sharpness_aware(
         # XLA fuses it with the producer) rather than from a branch output.
         if policy is None:
           return None
-        return groups.sq_norms(g_bar if unselected == "clean" else descent)
+        # "clean": every layer's clean gradient; "zero": the clean gradient
+        # of the selected layers (SL-SAM's statistic); "perturbed": the
+        # descent gradient.
+        return groups.sq_norms(g_bar if unselected in ("clean", "zero")
+                               else descent)
       g_sub = keep(step_lib.restrict(g_bar if sync_ascent else g, sub), sub)
-      sub_fraction = groups_lib.mask_fraction(sub, params)
+      if gating:  # the passes cover the selection itself, at run time
+        sub_fraction = _active_fraction(params, sub, leaf_sel)
+      else:
+        sub_fraction = groups_lib.mask_fraction(sub, params)
       zero = jnp.zeros([], jnp.float32)
       if not recompute:
         # Advances the perturbation's state (e.g. a rho schedule's count);
@@ -432,7 +488,8 @@ def sharpness_aware(
       eps = keep(step_lib.restrict(eps, sub), sub)
       w_adv = step_lib.add_where(local, eps, sub)
       full_descent = unselected == "perturbed"
-      g_adv = oracle.perturbed(w_adv, 0, wrt=None if full_descent else sub)
+      g_adv = oracle.perturbed(w_adv, 0, wrt=None if full_descent else sub,
+                               gates=None if full_descent else pass_gates)
       g_adv = step_lib.pmean_where(g_adv, None if full_descent else sub,
                                    axis_name)
 
@@ -469,7 +526,6 @@ def sharpness_aware(
       return (value, descent, pstate, stored, rstats,
               jnp.zeros([], jnp.int32), active, stats(descent))
 
-    the_plan = plan(num, state.schedule, oracle, local)
     out, branch = executors_lib.run(
         the_plan, body, selection=selection, recompute=pred,
         static_selection=static_selection, oracle=oracle)
@@ -485,9 +541,12 @@ def sharpness_aware(
         observed = selection
       else:
         observed = jnp.ones_like(selection)
+      # A statistic that overflowed (a gradient spike) or is NaN is not a
+      # measurement: the policy sees it as unobserved.
+      finite = jnp.isfinite(sq_norms)
       new_pstate = policy.update(state.policy, policies_lib.LayerStats(
-          sq_norms=sq_norms, observed=observed,
-          sizes=jnp.asarray(groups.sizes, jnp.float32)))
+          sq_norms=jnp.where(finite, sq_norms, 0.0),
+          observed=observed & finite, sizes=sizes))
       used = selection
     else:
       new_pstate, used = (), state.last_selection
@@ -495,6 +554,14 @@ def sharpness_aware(
     recomputes = schedules_lib.increment_where(pred_arr, state.recomputes)
     new_updates, opt_state = optimizer.update(descent, state.opt_state,
                                               params, **extra_args)
+    if freeze_unselected:
+      active_leaves = _active_leaves(static_mask, leaf_sel)
+      new_updates = jax.tree.map(
+          lambda u, m: u if m is True else (
+              jnp.zeros_like(u) if m is False else
+              jnp.where(m, u, jnp.zeros_like(u))), new_updates, active_leaves)
+      opt_state = groups_lib.keep_where(active_leaves, opt_state,
+                                        state.opt_state, params)
     counts = state.branch_counts.at[jnp.maximum(branch, 0)].set(
         optax.safe_increment(state.branch_counts[jnp.maximum(branch, 0)]))
     return new_updates, SharpnessAwareState(

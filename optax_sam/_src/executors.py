@@ -118,7 +118,7 @@ class Executor(NamedTuple):
   """How the engine turns its run-time decisions into compiled branches.
 
   Attributes:
-    name: "auto", "dense", "switch" or "specialize".
+    name: "auto", "dense", "gated", "switch" or "specialize".
     menu: ``num_groups -> Menu`` of the static supersets compiled (None for
       ``specialize``, whose programs are made on demand, and ``auto``).
   """
@@ -171,6 +171,23 @@ def specialize() -> Executor:
   return Executor("specialize", None)
 
 
+def gated() -> Executor:
+  """One program over every layer whose passes skip, at run time, the
+  weight-gradient products of the unselected leaves (``gating.py``).
+
+  For selections that no bounded menu serves, such as SL-SAM's random
+  subset of tensors (whose lowest member is nearly always near the input):
+  each matrix product and convolution of ``loss_fn`` computes its weight
+  gradient under ``lax.cond(selected)`` and its input gradient only while a
+  selected leaf lies below it, the PyTorch ``requires_grad=False`` saving.
+  C2 only (:func:`optax_sam.make_update`); with a C1 ``grad_fn`` the
+  caller's gradients are full and the selection is a mask (``dense``'s
+  cost). Convolutions run in forward form inside the conditionals (fast on
+  the CPU); what it does not gate is listed in ``gating.py``.
+  """
+  return Executor("gated", lambda n: Menu((tuple([True] * n),)))
+
+
 def auto() -> Executor:
   """``switch``, except where its branches would be slow: on the CPU, when
   the passes would differentiate XLA's own convolutions inside a
@@ -181,13 +198,13 @@ def auto() -> Executor:
   return Executor("auto", None)
 
 
-EXECUTORS = {"auto": auto, "dense": dense, "switch": switch,
-             "specialize": specialize}
+EXECUTORS = {"auto": auto, "dense": dense, "gated": gated,
+             "switch": switch, "specialize": specialize}
 
 
 def get_executor(executor: Union[str, Executor, None],
                  default: str = "auto") -> Executor:
-  """An :class:`Executor` from a name ("auto", "dense", "switch",
+  """An :class:`Executor` from a name ("auto", "dense", "gated", "switch",
   "specialize")."""
   if executor is None:
     executor = default

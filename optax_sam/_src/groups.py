@@ -296,3 +296,38 @@ def dots_per_leaf(a: PyTree, b: PyTree,
            for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
   return reduce_per_leaf(parts, label_leaves, sum)
 
+
+
+def _params_like(params: PyTree) -> Callable[[Any], bool]:
+  """Predicate: a subtree shaped like ``params`` (same structure, shapes)."""
+  treedef = jax.tree.structure(params)
+  shapes = [np.shape(p) for p in jax.tree.leaves(params)]
+
+  def check(x: Any) -> bool:
+    if jax.tree.structure(x) != treedef:
+      return False
+    return [np.shape(v) for v in jax.tree.leaves(x)] == shapes
+
+  return check
+
+
+def keep_where(active: PyTree, new: PyTree, old: PyTree,
+               params: PyTree) -> PyTree:
+  """``new`` where ``active`` and ``old`` elsewhere, in every part of an
+  optimizer state shaped like ``params`` (momenta, Adam moments, ...).
+
+  ``active`` holds one scalar bool per parameter leaf (static or traced).
+  Parts of the state that are not shaped like the parameters (step counts,
+  injected hyper-parameters) take ``new``. Works for any optax state: the
+  parameter-shaped parts are found by structure, not by type.
+  """
+  like = _params_like(params)
+
+  def pick(n, o):
+    if not like(n):
+      return n
+    return jax.tree.map(
+        lambda a, b, m: a if m is True else (
+            b if m is False else jnp.where(m, a, b)), n, o, active)
+
+  return jax.tree.map(pick, new, old, is_leaf=like)

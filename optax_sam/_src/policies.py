@@ -267,45 +267,96 @@ def random_k(k: int, seed: Optional[args_lib.SeedOrKey] = None) -> Policy:
   return Policy(init, update, lambda step: True, seed)
 
 
+def cap_to_budget(w: jax.Array, budget: Any) -> jax.Array:
+  """Probabilities from weights ``w`` that sum to ``budget``, none above 1.
+
+  The exact capping of EXP3.M (and of SL-SAM's ``get_prob``): in decreasing
+  order of weight, an arm is capped at probability 1 (and the budget reduced
+  by 1) while its share ``w_i * budget / sum(remaining w)`` would exceed 1;
+  the remaining arms share the remaining budget in proportion to their
+  weights. ``sum(remaining w)`` is floored at ``1e-5``, as in the code.
+  Jit-traceable (a sort and a prefix scan, no Python loop).
+  """
+  n = w.shape[0]
+  order = jnp.argsort(-w, stable=True)
+  ws = w[order]
+  suffix = jnp.cumsum(ws[::-1])[::-1]  # sum(ws[j:])
+  j = jnp.arange(n)
+  room = budget - j  # budget left after capping the j largest
+  fits = ws * room <= jnp.maximum(suffix, 1e-5)
+  first = jnp.where(jnp.any(fits), jnp.argmax(fits), n)
+  share = ws * (budget - first) / jnp.maximum(
+      suffix[jnp.minimum(first, n - 1)], 1e-5)
+  ps = jnp.where(j < first, 1.0, share)
+  return jnp.zeros_like(w).at[order].set(ps)
+
+
 def bandit(
-    fraction: float = 0.2,
+    fraction: float = 0.5,
     eta: float = 1e-3,
     *,
     scale_invariant: bool = False,
-    min_prob: float = 1e-3,
+    min_prob: float = 1e-8,
+    max_draws: int = 32,
     seed: Optional[args_lib.SeedOrKey] = None,
 ) -> Policy:
-  """EXP3-style layer sampling with importance weights (SL-SAM's rule).
+  """EXP3.M-style sampling of arms by gradient norm (SL-SAM's rule).
 
-  Each group ``i`` is included independently with probability ``p_i``
-  (initially ``fraction``); if nothing is drawn, the draw is repeated (up to
-  a bound, then the most probable group is taken). After a step, for the
-  selected groups ``r_i = ||g_i||^2 / p_i`` (importance-weighted reward),
-  ``loss_i = max_selected(r) - r_i``, ``w_i = p_i * exp(-eta * loss_i /
-  p_i)``; unselected groups keep ``w_i = p_i``; the probabilities are then
-  rescaled to sum to ``fraction * L`` and capped at 1 (and floored at
-  ``min_prob`` so no group starves).
+  The rule of the SL-SAM authors' code (``SLSAM.get_prob`` and
+  ``set_requires_grad`` in ``github.com/chengyif/SL-SAM``), with one arm per
+  layer group (:func:`optax_sam.slsam` makes every parameter leaf a group):
 
-  That rule, as in the SL-SAM public code, is not scale-invariant: with small
-  gradients ``eta * loss`` is tiny and the distribution stays near uniform.
-  ``scale_invariant=True`` divides the rewards by their maximum first, so
-  ``eta`` acts on relative rewards (our option, not the paper's).
+  * every arm starts with probability ``p_i = fraction`` (``s``);
+  * each step, arm ``i`` is drawn independently with probability ``p_i``;
+    when nothing is drawn the draw is repeated (the code repeats until one
+    arm is drawn; here at most ``max_draws`` times, then the most probable
+    arm is taken). The draw for the next step is made at the end of this
+    one;
+  * after the step, with ``g_i`` the gradient norm of each *selected* arm
+    (SL-SAM: of the clean pass), ``r_i = (g_i / p_i)**2`` and the loss
+    ``l_i = max_j r_j - r_i`` over the selected arms. The code writes it as
+    ``l_raw = -(g_i/p_i)**2 + (L/p_min)**2; l = l_raw - min(l_raw)`` with
+    ``L = max g`` and ``p_min = 0.001``: the constant cancels exactly, so it
+    is left out here (in float32 it would only add rounding error);
+  * ``w_i = p_i exp(-eta l_i / p_i)`` for the selected arms, ``w_i = p_i``
+    for the others; the new probabilities are ``w`` capped to the budget
+    ``fraction * L`` by :func:`cap_to_budget` (exact, as the code's sorted
+    loop), then clipped to ``[min_prob, 1]`` (the code: ``[1e-8, 1]``).
+
+  The rule is not scale-invariant: with small gradient norms ``eta * l_i``
+  is tiny and the probabilities stay near ``fraction``.
+  ``scale_invariant=True`` divides ``r`` by its maximum over the selected
+  arms first, so ``eta`` acts on relative rewards (this library's option,
+  not the paper's). A statistic that is not finite (a gradient spike that
+  overflowed, a NaN) is not recorded: the engine marks it unobserved, and
+  an unobserved arm keeps its weight.
 
   Args:
-    fraction: expected fraction of groups selected per step (``s``).
-    eta: bandit learning rate.
-    scale_invariant: normalize rewards by their maximum (see above).
-    min_prob: lower bound on every probability.
+    fraction: the budget ``s``: expected fraction of arms drawn per step.
+    eta: the bandit's learning rate (the code's ``alpha_p = 0.001``).
+    scale_invariant: normalize the rewards by their maximum (see above).
+    min_prob: lower bound on every probability (the code's 1e-8).
+    max_draws: bound on the repeated draws when nothing is drawn.
     seed: PRNG seed (an int, a raw or a typed key; None: 0) used when
       ``init`` gets no key, and by :func:`optax_sam.sharpness_aware`.
 
   Returns:
-    A :class:`Policy` whose selection may change every step.
+    A :class:`Policy` whose selection may change every step; its
+    ``score`` holds the probabilities ``p``.
+
+  References:
+    Cheng et al., `Sparse Layer Sharpness-Aware Minimization for Efficient
+    Fine-Tuning <https://arxiv.org/abs/2602.09395>`_, 2026.
+
+    Uchiya et al., `Algorithms for Adversarial Bandit Problems with Multiple
+    Plays <https://doi.org/10.1007/978-3-642-16108-7_30>`_, ALT 2010
+    (EXP3.M).
   """
   fraction = args_lib.check_number(fraction, "fraction", 0.0, 1.0,
                                    low_open=True)
   eta = args_lib.check_number(eta, "eta", 0.0)
   min_prob = args_lib.check_number(min_prob, "min_prob", 0.0, 1.0)
+  max_draws = args_lib.check_int(max_draws, "max_draws", 1)
 
   def draw(key, probs):
     def body(carry):
@@ -315,23 +366,12 @@ def bandit(
 
     def cond(carry):
       _, sel, tries = carry
-      return jnp.logical_and(~jnp.any(sel), tries < 32)
+      return jnp.logical_and(~jnp.any(sel), tries < max_draws)
 
     key, sel, _ = jax.lax.while_loop(
         cond, body, (key, jnp.zeros(probs.shape, bool), jnp.int32(0)))
     fallback = jnp.zeros(probs.shape, bool).at[jnp.argmax(probs)].set(True)
     return key, jnp.where(jnp.any(sel), sel, fallback)
-
-  def normalise(w, num_groups):
-    target = fraction * num_groups
-    p = w / jnp.maximum(jnp.sum(w), 1e-30) * target
-    for _ in range(3):  # cap at 1 and redistribute the excess
-      p = jnp.minimum(p, 1.0)
-      free = p < 1.0
-      room = target - jnp.sum(jnp.where(free, 0.0, p))
-      free_sum = jnp.sum(jnp.where(free, p, 0.0))
-      p = jnp.where(free, p * room / jnp.maximum(free_sum, 1e-30), p)
-    return jnp.clip(p, min_prob, 1.0)
 
   def init(num_groups, key=None):
     key = args_lib.as_key(seed if key is None else key)
@@ -341,16 +381,21 @@ def bandit(
 
   def update(state, stats):
     probs = state.score
-    sel = jnp.logical_and(state.selection, stats.observed)
-    reward = jnp.where(sel, stats.sq_norms / probs, 0.0)
+    sel = state.selection & stats.observed & jnp.isfinite(stats.sq_norms)
+    # (g / p)**2 from the squared norm; where nothing is selected, 0.
+    reward = jnp.where(sel, stats.sq_norms / jnp.square(probs), 0.0)
+    best = jnp.max(jnp.where(sel, reward, 0.0))
     if scale_invariant:
-      reward = reward / jnp.maximum(jnp.max(reward), 1e-30)
-    best = jnp.max(jnp.where(sel, reward, -jnp.inf))
+      reward = reward / jnp.maximum(best, 1e-30)
+      best = jnp.where(jnp.any(sel), 1.0, 0.0)
     loss = jnp.where(sel, best - reward, 0.0)
     w = jnp.where(sel, probs * jnp.exp(-eta * loss / probs), probs)
-    probs = normalise(w, probs.shape[0])
-    key, selection = draw(state.key, probs)
+    new = jnp.clip(cap_to_budget(w, fraction * probs.shape[0]), min_prob, 1.0)
+    # A step whose rewards overflowed changes nothing (its arms count as
+    # unobserved); a non-finite probability never enters the state.
+    new = jnp.where(jnp.all(jnp.isfinite(new)), new, probs)
+    key, selection = draw(state.key, new)
     return PolicyState(selection, optax.safe_increment(state.count), key,
-                       probs)
+                       new.astype(jnp.float32))
 
   return Policy(init, update, lambda step: True, seed)

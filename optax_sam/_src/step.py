@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_sam._src import conv as conv_lib
+from optax_sam._src import gating as gating_lib
 
 PyTree = Any
 Mask = PyTree  # pytree of Python bools shaped like params, or None for all.
@@ -138,28 +139,38 @@ class GradientOracle:
     finally:
       self.conditional_depth -= 1
 
-  def clean_with_value(self, params: PyTree, wrt: Optional[Mask] = None
+  def clean_with_value(self, params: PyTree, wrt: Optional[Mask] = None,
+                       gates: Optional[PyTree] = None
                        ) -> tuple[tuple[Any, Any], PyTree]:
     """``((loss, aux), grads)`` at the unperturbed ``params``, leaves in
     ``wrt``; records nothing (``loss``/``aux`` are None in C1).
+
+    ``gates`` (a pytree of scalar bools shaped like ``params``, decided at
+    run time) says which leaves' gradients are wanted within ``wrt``: C2
+    skips the weight-gradient products of the others (``gating.py``); the
+    gradient of a leaf whose gate is off is not meaningful (callers mask
+    it). C1 computes every leaf.
 
     For methods that run the clean pass inside a ``lax.cond``/``lax.switch``
     branch: they return the value out of the branch and :meth:`record` it.
     """
     raise NotImplementedError
 
-  def clean(self, params: PyTree, wrt: Optional[Mask] = None) -> PyTree:
+  def clean(self, params: PyTree, wrt: Optional[Mask] = None,
+            gates: Optional[PyTree] = None) -> PyTree:
     """Gradient at the unperturbed ``params`` for the leaves in ``wrt``.
 
     Also records the pass's ``(loss, aux)``: call it outside any branch.
     """
-    value, grads = self.clean_with_value(params, wrt)
+    value, grads = self.clean_with_value(params, wrt, gates)
     self.record(*value)
     return grads
 
   def perturbed(self, params: PyTree, index: int = 0,
-                wrt: Optional[Mask] = None) -> PyTree:
-    """Gradient at other parameters (e.g. ``w + eps``), leaves in ``wrt``."""
+                wrt: Optional[Mask] = None,
+                gates: Optional[PyTree] = None) -> PyTree:
+    """Gradient at other parameters (e.g. ``w + eps``), leaves in ``wrt``
+    (``gates`` as in :meth:`clean_with_value`)."""
     raise NotImplementedError
 
   def record(self, loss: Any, aux: Any) -> None:
@@ -179,11 +190,13 @@ class GivenGradients(GradientOracle):
     # The user's gradient function: its backward convolutions are XLA's.
     return conv_lib.runs_convolutions(self.grad_fn, params, 0)
 
-  def clean_with_value(self, params, wrt=None):
+  def clean_with_value(self, params, wrt=None, gates=None):
+    del gates  # the caller's gradients are computed already
     _check_same_structure(self.grads, params, "the gradient (updates)")
     return (None, None), restrict(self.grads, wrt)
 
-  def perturbed(self, params, index=0, wrt=None):
+  def perturbed(self, params, index=0, wrt=None, gates=None):
+    del gates  # grad_fn computes every leaf
     grads = self.grad_fn(params, index)
     _check_same_structure(grads, params, "grad_fn's result")
     return restrict(grads, wrt)
@@ -204,7 +217,7 @@ class LossOracle(GradientOracle):
     # grad_fn" apart from an error raised inside a pass (e.g. by loss_fn).
     self.requested = False
 
-  def _value_and_grad(self, params, wrt):
+  def _value_and_grad(self, params, wrt, gates=None):
     self.requested = True
     leaves, treedef = jax.tree.flatten(params)
     flags = _flags(wrt, params)
@@ -216,6 +229,10 @@ class LossOracle(GradientOracle):
 
     loss_fn = (self.branch_loss_fn if self.conditional_depth
                and self.branch_loss_fn is not None else self.loss_fn)
+    if gates is not None:
+      # The products gated by leaf (their convolutions in forward form).
+      _check_same_structure(gates, params, "gates")
+      loss_fn = gating_lib.gated(self.loss_fn, gates)
 
     def partial_loss(selected):
       full = list(leaves)
@@ -236,13 +253,13 @@ class LossOracle(GradientOracle):
       return False
     return conv_lib.runs_convolutions(self.loss_fn, params, *self.args)
 
-  def clean_with_value(self, params, wrt=None):
-    loss, aux, grads = self._value_and_grad(params, wrt)
+  def clean_with_value(self, params, wrt=None, gates=None):
+    loss, aux, grads = self._value_and_grad(params, wrt, gates)
     return (loss, aux), grads
 
-  def perturbed(self, params, index=0, wrt=None):
+  def perturbed(self, params, index=0, wrt=None, gates=None):
     del index
-    return self._value_and_grad(params, wrt)[2]
+    return self._value_and_grad(params, wrt, gates)[2]
 
 
 def as_oracle(updates: Optional[PyTree],
