@@ -557,6 +557,89 @@ def format_table(model: str, result: dict[str, Any]) -> str:
   return "\n".join(lines)
 
 
+# ---------------------------------------------------------------- SL-SAM
+
+
+def slsam_methods(fractions: tuple[float, ...] = (0.5, 0.2)
+                  ) -> dict[str, optax.GradientTransformation]:
+  """SGD, SAM and SL-SAM (AdamW base) with each executor that applies."""
+  base = lambda: optax.adamw(1e-3, weight_decay=0.01)
+  out = {"sgd": optax_sam.plain(base()), "sam": optax_sam.sam(base(), 0.05)}
+  for f in fractions:
+    out[f"slsam[s={f:g},gated]"] = optax_sam.slsam(base(), fraction=f)
+  f = fractions[0]
+  out[f"slsam[s={f:g},switch]"] = optax_sam.slsam(base(), fraction=f,
+                                                  executor="switch")
+  out[f"slsam[s={f:g},dense]"] = optax_sam.slsam(base(), fraction=f,
+                                                 executor="dense")
+  out["slsam[s=1,gated]"] = optax_sam.slsam(base(), fraction=1.0)
+  return out
+
+
+def gated_pass_flops(problem: Problem, fraction: float, draws: int = 20,
+                     seed: int = 0) -> dict[str, float]:
+  """Compiled FLOPs of one gated gradient pass for sampled selections.
+
+  XLA's cost analysis counts a conditional as its costliest branch, so the
+  compiled gated step reports full FLOPs whatever it skips. Here each draw
+  (every leaf independently with probability ``fraction``, as SL-SAM's
+  first step) is compiled with its gates known at trace time, which prunes
+  exactly the work the run-time conditionals skip; the mean over draws,
+  relative to a full gradient, is the expected FLOPs of one pass.
+  """
+  from optax_sam._src import gating  # pylint: disable=g-import-not-at-top
+  full = compiled_cost(jax.grad(problem.loss_fn, has_aux=problem.has_aux),
+                       problem.params, *problem.batch)["flops"]
+  leaves, treedef = jax.tree.flatten(problem.params)
+  sizes = np.array([np.size(x) for x in leaves], float)
+  rng = np.random.default_rng(seed)
+  ratios, active = [], []
+  for _ in range(draws):
+    sel = rng.random(len(leaves)) < fraction
+    if not sel.any():
+      continue
+    gates = jax.tree.unflatten(treedef, [bool(v) for v in sel])
+    fn = jax.grad(gating.gated(problem.loss_fn, gates),
+                  has_aux=problem.has_aux)
+    ratios.append(compiled_cost(fn, problem.params, *problem.batch)["flops"]
+                  / full)
+    active.append(float(sizes[sel].sum() / sizes.sum()))
+  return {"fraction": fraction, "draws": len(ratios),
+          "pass_flops_ratio_mean": float(np.mean(ratios)),
+          "pass_flops_ratio_min": float(np.min(ratios)),
+          "pass_flops_ratio_max": float(np.max(ratios)),
+          "active_param_ratio_mean": float(np.mean(active))}
+
+
+def measure_slsam(problem: Problem, *, rounds: int, steps_per_round: int,
+                  fractions: tuple[float, ...] = (0.5, 0.2),
+                  draws: int = 10) -> dict[str, Any]:
+  """SL-SAM's cost next to SGD and SAM: wall time (interleaved), compiled
+  FLOPs, compilations, FLOPs of a gated pass, active parameters."""
+  out = measure(problem, slsam_methods(fractions), rounds=rounds,
+                steps_per_round=steps_per_round)
+  out["gated_pass"] = {f"{f:g}": gated_pass_flops(problem, f, draws)
+                       for f in fractions}
+  return out
+
+
+def format_slsam_table(model: str, result: dict[str, Any]) -> str:
+  lines = [f"== {model}: SL-SAM cost (AdamW base) ==",
+           f"{'program':<24}{'time/SGD':>9}{'FLOPs/SGD':>10}{'compiles':>9}"]
+  for name, row in result["methods"].items():
+    lines.append(f"{name:<24}{row['time_ratio']:>9.2f}"
+                 f"{row['flops_ratio']:>10.2f}{row['compilations']:>9d}")
+  for f, g in result["gated_pass"].items():
+    lines.append(f"gated pass, s={f}: FLOPs {g['pass_flops_ratio_mean']:.2f} "
+                 f"of a full gradient (range {g['pass_flops_ratio_min']:.2f}-"
+                 f"{g['pass_flops_ratio_max']:.2f}, {g['draws']} draws), "
+                 f"active params {g['active_param_ratio_mean']:.2f}")
+  lines.append("(compiled FLOPs of a step with a conditional count its "
+               "costliest branch: the gated rows show full FLOPs; the gated "
+               "pass lines give what the taken branches compute)")
+  return "\n".join(lines)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--models", default="mlp,cnn")
@@ -587,6 +670,10 @@ def main(argv=None):
   parser.add_argument("--mlp-depth", type=int, default=8)
   parser.add_argument("--mlp-width", type=int, default=256)
   parser.add_argument("--progress", action="store_true")
+  parser.add_argument(
+      "--slsam", action="store_true",
+      help="SL-SAM's cost: SGD, SAM and SL-SAM with the gated, switch and "
+      "dense executors (AdamW base), and the FLOPs of a gated pass")
   parser.add_argument("--only", default=None,
                       help="comma-separated program kinds to measure with "
                       "--executors (e.g. sam,sam_handwritten; sgd always)")
@@ -602,6 +689,11 @@ def main(argv=None):
     if model == "mlp":
       kwargs.update(depth=args.mlp_depth, width=args.mlp_width)
     problem = PROBLEMS[model](**kwargs)
+    if args.slsam:
+      results[model] = measure_slsam(problem, rounds=args.rounds,
+                                     steps_per_round=args.steps_per_round)
+      print(format_slsam_table(model, results[model]), flush=True)
+      continue
     if not args.executors:
       results[model] = measure(problem, core_methods(problem),
                                rounds=args.rounds,
@@ -624,7 +716,8 @@ def main(argv=None):
         only=tuple(args.only.split(",")) if args.only else None)
     print(format_executor_table(model, results[model]), flush=True)
   if not args.no_write:
-    name = args.name or ("executor_cost" if args.executors else "core_cost")
+    name = args.name or ("executor_cost" if args.executors else
+                         "slsam_cost" if args.slsam else "core_cost")
     path = provenance.write_result(
         name, {"settings": vars(args), "results": results}, seeds=[0])
     print(f"\nwrote {path}")
