@@ -95,6 +95,19 @@ def cost_tables(name: str, res: dict[str, Any]) -> list[str]:
                  f"{row['flops_per_sgd_grad']:.3f} | {row['time_ratio']:.3f} "
                  f"| {1e3 * row['step_s']:.1f} | {row['compilations']} |")
     out.append("")
+    if r.get("gated_pass"):  # benchmarks.cost --slsam
+      out += ["Compiled FLOPs of a step with a conditional count its "
+              "costliest branch, so the gated rows above show full FLOPs. "
+              "What one gated pass computes, each draw compiled with its "
+              "gates known (every leaf drawn with probability s):", "",
+              "| s | draws | FLOPs / full gradient (mean, min-max) "
+              "| active parameters |", "|---|---|---|---|"]
+      for f, g in r["gated_pass"].items():
+        out.append(f"| {f} | {g['draws']} | {g['pass_flops_ratio_mean']:.2f}"
+                   f" ({g['pass_flops_ratio_min']:.2f}-"
+                   f"{g['pass_flops_ratio_max']:.2f}) | "
+                   f"{g['active_param_ratio_mean']:.2f} |")
+      out.append("")
   return out
 
 

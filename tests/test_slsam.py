@@ -122,9 +122,9 @@ def test_fraction_one_is_sam():
   p, x, y = setup(0)
   results = []
   for tx in (optax_sam.slsam(optax.sgd(LR, momentum=MOM), rho=RHO,
-                             fraction=1.0),
+                             fraction=1.0, executor=optax_sam.executors.gated()),
              optax_sam.slsam(optax.sgd(LR, momentum=MOM), rho=RHO,
-                             fraction=1.0, executor="dense"),
+                             fraction=1.0),
              optax_sam.sam(optax.sgd(LR, momentum=MOM), rho=RHO)):
     state, params = tx.init(to_jax(p)), to_jax(p)
     step = make_step(tx, "c2")
@@ -132,8 +132,9 @@ def test_fraction_one_is_sam():
       _, u, state = step(params, state, jnp.asarray(x), jnp.asarray(y))
       params = optax.apply_updates(params, u)
     results.append(params)
-  # The dense form is SAM's arithmetic exactly; the gated one computes the
-  # same products through custom derivatives (summation order may differ).
+  # The default (dense when everything is drawn) is SAM's arithmetic
+  # exactly; the gated one computes the same products through custom
+  # derivatives (summation order may differ).
   jax.tree.map(np.testing.assert_array_equal, results[1], results[2])
   assert_trees_close(results[0], results[2], rtol=1e-6, atol=1e-7)
 

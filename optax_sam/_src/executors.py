@@ -27,6 +27,11 @@ Executors here, and their trade-offs (figures in
   the decisions from the optimizer state (a device-to-host copy) before
   every step. Exact cost for any subset, no conditional; pays one
   compilation per distinct decision and that synchronisation.
+* :func:`gated`: one program over every group whose passes skip, at run
+  time, the weight-gradient products of the unselected leaves and the
+  backward pass below the lowest selected one (``gating.py``): for
+  per-tensor random subsets (SL-SAM's default), which no bounded menu
+  serves. C2 only; with a C1 ``grad_fn`` it is ``dense``.
 * :func:`auto` (the default): ``switch``, except where its branches would be
   slow. On the CPU XLA runs its own convolution gradients inside a
   conditional 10-40x slower than outside one (jax-ml/jax#12868, DESIGN.md
