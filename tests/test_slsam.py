@@ -63,14 +63,15 @@ def test_bandit_matches_get_prob_port(fraction, eta, scale):
 
 def test_cap_to_budget_matches_sorted_loop():
   rng = np.random.default_rng(3)
-  for _ in range(100):
-    n = int(rng.integers(1, 12))
+  cap = jax.jit(cap_to_budget)
+  for _ in range(60):
+    n = int(rng.choice([1, 2, 5, 9]))
     w = rng.exponential(size=n) ** rng.uniform(0.5, 4.0)
     s = float(rng.uniform(0.05, 1.0))
     # With alpha_p = 0 the port's weights are the probabilities themselves:
     # only its capping loop acts.
     want = reference.slsam_get_prob(w, s, 0.0, np.ones(n), np.arange(n))
-    got = np.clip(cap_to_budget(jnp.asarray(w, jnp.float32), s * n),
+    got = np.clip(cap(jnp.asarray(w, jnp.float32), jnp.float32(s * n)),
                   1e-8, 1.0)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
 
@@ -264,7 +265,7 @@ def test_gated_equals_dense_on_a_cnn():
 
 def _attention_problem():
   from optax_sam.models import CharTransformerLM  # pylint: disable=g-import-not-at-top
-  model = CharTransformerLM(vocab_size=11, d_model=16, num_layers=2,
+  model = CharTransformerLM(vocab_size=11, d_model=16, num_layers=1,
                             num_heads=2, max_len=8)
   tok = jax.random.randint(jax.random.PRNGKey(0), (4, 9), 0, 11)
   params = model.init(jax.random.PRNGKey(1), tok[:, :-1])["params"]
@@ -305,7 +306,7 @@ def test_gated_gradients_equal_jax_grad(problem):
   rng = np.random.default_rng(0)
   fn = jax.jit(lambda p, sel, *a: jax.value_and_grad(gating.gated(
       loss, jax.tree.unflatten(treedef, list(sel))))(p, *a))
-  for _ in range(3):
+  for _ in range(2):
     sel = rng.random(len(leaves)) < 0.5
     value, got = fn(params, jnp.asarray(sel), *args)
     np.testing.assert_allclose(value, loss(params, *args), rtol=1e-6)
@@ -379,3 +380,32 @@ def test_zero_gradients_stay_finite():
   for leaf in jax.tree.leaves((params, state)):
     if jnp.issubdtype(jnp.asarray(leaf).dtype, jnp.floating):
       assert np.all(np.isfinite(leaf))
+
+
+@pytest.mark.parametrize("policy, unselected", [
+    (lambda: optax_sam.policies.bandit(0.4), "zero"),
+    (lambda: optax_sam.policies.top_k(1, ema=0.5), "clean")],
+                         ids=["bandit", "top_k"])
+def test_a_gradient_spike_does_not_freeze_the_policy(policy, unselected):
+  """One step whose loss is scaled by 1e20 (norms ~1e19 overflow when
+  squared in float32), then normal steps: the policy's state stays finite
+  and it keeps choosing."""
+  params, loss, x, y = _deep()
+  tx = optax_sam.sharpness_aware(
+      optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.01)),
+      policy=policy(), unselected=unselected)
+  scale = jnp.float32(1.0)
+  step = jax.jit(optax_sam.make_update(
+      tx, lambda p, xb, yb, c: c * loss(p, xb, yb)))
+  state, sels, scores = tx.init(params), [], []
+  for t in range(12):
+    c = jnp.float32(1e20) if t == 1 else scale
+    _, u, state = step(params, state, x, y, c)
+    params = optax.apply_updates(params, u)
+    assert np.all(np.isfinite(np.asarray(state.policy.score)[
+        ~np.isnan(np.asarray(state.policy.score))]))
+    sels.append(tuple(np.asarray(state.policy.selection)))
+    scores.append(tuple(np.asarray(state.policy.score).tolist()))
+  assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(params))
+  # After the spike the policy still learns: its draws or its scores move.
+  assert len(set(sels[2:])) > 1 or len(set(scores[2:])) > 1
