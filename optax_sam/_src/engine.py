@@ -120,6 +120,15 @@ class SharpnessAwareState(NamedTuple):
     ascent_active: float32, fraction of parameters the last step's ascent
       covered (its branch's static superset; 0 on a reuse step).
     descent_active: float32, the same for the descent pass.
+    finite: bool, whether the last step's descent gradient and the updates
+      the base optimizer produced from it were all finite (True after
+      ``init``). Nothing is done about a non-finite step besides reporting
+      it (as in optax, a NaN gradient reaches the base optimizer): skip such
+      steps with ``optax.apply_if_finite`` as the *base* optimizer (see the
+      README, "Skipping bad steps"). Parts of the state that are not the
+      base optimizer's are guarded whatever its value: a policy's or
+      schedule's statistic that is not finite is not recorded, and
+      ``stored`` keeps its previous value when the new one is not finite.
   """
   opt_state: optax.OptState
   perturbation_state: optax.OptState
@@ -136,6 +145,7 @@ class SharpnessAwareState(NamedTuple):
   branch_counts: jax.Array
   ascent_active: jax.Array
   descent_active: jax.Array
+  finite: jax.Array
 
 
 def recompute_fraction(state: SharpnessAwareState) -> jax.Array:
@@ -144,6 +154,16 @@ def recompute_fraction(state: SharpnessAwareState) -> jax.Array:
 
 
 _f32 = groups_lib.f32
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+  """bool scalar: every float leaf of ``tree`` is finite (True for a tree
+  without float leaves, or with zero-size leaves only)."""
+  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+           if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+  if not flags:
+    return jnp.ones([], jnp.bool_)
+  return jnp.all(jnp.stack(flags))
 
 
 def _restricted(tree: PyTree, mask: PyTree) -> list[Any]:
@@ -382,7 +402,8 @@ def sharpness_aware(
         branch_counts=jnp.zeros([plan(num, sched_state).num_branches],
                                 jnp.int32),
         ascent_active=jnp.zeros([], jnp.float32),
-        descent_active=jnp.zeros([], jnp.float32))
+        descent_active=jnp.zeros([], jnp.float32),
+        finite=jnp.ones([], jnp.bool_))
 
   def decision(sched_state, recomputes):
     pred = schedule.decide(sched_state)
@@ -532,6 +553,13 @@ def sharpness_aware(
     value, descent, pstate, stored, rstats, age, active, sq_norms = out
     if value is not None:
       oracle.record(*value)
+    if reuses:
+      # A non-finite stored component (a NaN batch, or g_sam - g
+      # overflowing) is not kept: it would poison every reuse step until
+      # the next recompute.
+      stored_ok = all_finite(stored)
+      stored = jax.tree.map(lambda new, old: jnp.where(stored_ok, new, old),
+                            stored, state.stored)
     pred_arr = jnp.asarray(pred, jnp.bool_)
 
     if policy is not None:
@@ -573,7 +601,8 @@ def sharpness_aware(
                                    jnp.bool_),
         last_selection=used, branch=jnp.asarray(branch, jnp.int32),
         branch_counts=counts, ascent_active=active[0],
-        descent_active=active[1])
+        descent_active=active[1],
+        finite=all_finite(descent) & all_finite(new_updates))
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional, Union
 
+import jax
+import jax.numpy as jnp
 import optax
 
 from optax_sam._src import engine
@@ -113,8 +115,16 @@ def sam(
 
 
 class PlainState(NamedTuple):
-  """State of :func:`plain`: the base optimizer's state."""
+  """State of :func:`plain`.
+
+  Attributes:
+    opt_state: the base optimizer's state.
+    finite: bool, whether the last step's gradient and the updates the base
+      optimizer produced from it were all finite (True after ``init``);
+      reported only, as :attr:`optax_sam.SharpnessAwareState.finite`.
+  """
   opt_state: optax.OptState
+  finite: jax.Array
 
 
 def plain(
@@ -138,7 +148,7 @@ def plain(
   optimizer = as_extra_args(optimizer)
 
   def init_fn(params):
-    return PlainState(optimizer.init(params))
+    return PlainState(optimizer.init(params), jnp.ones([], jnp.bool_))
 
   def update_fn(updates, state, params=None, *, grad_fn=None, **extra_args):
     if isinstance(grad_fn, step_lib.GradientOracle):
@@ -148,8 +158,9 @@ def plain(
     elif updates is None:
       raise ValueError("updates is None: pass the gradient.")
     updates = step_lib.pmean_where(updates, None, axis_name)
-    updates, opt_state = optimizer.update(updates, state.opt_state, params,
-                                          **extra_args)
-    return updates, PlainState(opt_state)
+    new_updates, opt_state = optimizer.update(updates, state.opt_state,
+                                              params, **extra_args)
+    finite = engine.all_finite(updates) & engine.all_finite(new_updates)
+    return new_updates, PlainState(opt_state, finite)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -285,6 +285,15 @@ _NOT_DRIVEN = (
     "optax_sam.plain(optimizer).")
 
 
+_APPLY_IF_FINITE = (
+    "make_update cannot drive optax.apply_if_finite(tx, ...): it tests the "
+    "gradient passed to update, and in C2 there is none (the passes run "
+    "inside tx). Put it inside instead, as the base optimizer: "
+    "optax_sam.sam(optax.apply_if_finite(optax.sgd(0.1), 3)) skips every "
+    "step whose descent gradient is not finite (README: 'Skipping bad "
+    "steps').")
+
+
 def make_update(
     tx: optax.GradientTransformationExtraArgs,
     loss_fn: Callable[..., Any],
@@ -326,6 +335,13 @@ def make_update(
     unperturbed parameters (``aux`` is None when ``has_aux`` is False).
     Positional ``args`` go to ``loss_fn``; keyword ``extra_args`` go to
     ``tx.update`` (and on to the base optimizer, e.g. ``value=``).
+
+  Raises:
+    TypeError: at the first step, for ``tx = optax.apply_if_finite(...)``
+      around a method: that wrapper tests the ``updates`` argument, which
+      is None here, so it could never skip a step. Use it as the method's
+      base optimizer instead (``optax_sam.sam(optax.apply_if_finite(opt,
+      n))``), which tests the descent gradient.
   """
   if not callable(loss_fn):
     raise ValueError(f"loss_fn must be callable, got {loss_fn!r}.")
@@ -335,6 +351,8 @@ def make_update(
   rewritten = conv_lib.forward_form_convs(loss_fn)
 
   def step(params, opt_state, *args, **extra_args):
+    if isinstance(opt_state, optax.ApplyIfFiniteState):
+      raise TypeError(_APPLY_IF_FINITE)
     if conv_backward == "forward":
       oracle = LossOracle(rewritten, has_aux, args, rewritten)
     else:
