@@ -253,6 +253,12 @@ def asam_perturbation(
 ) -> optax.GradientTransformation:
   """ASAM's ascent step ``eps = rho * T_w^2 g / ||T_w g||``.
 
+  ``T_w g`` is computed after dividing ``g`` by its largest magnitude (per
+  normalization group), which does not change ``eps`` but keeps ``|w| |g|``
+  from overflowing for huge gradients (``1e30``) or float16 leaves; a NaN or
+  infinite gradient still gives a non-finite ``eps`` (a reported non-finite
+  step, see :class:`optax_sam.SharpnessAwareState`).
+
   Args:
     rho: the neighbourhood radius, as in :func:`sam_perturbation`.
     eta: ``T_w = |w| + eta``.
@@ -270,5 +276,34 @@ def asam_perturbation(
     <https://arxiv.org/abs/2102.11600>`_, ICML 2021.
   """
   t = scale_by_parameter_magnitude(eta, adaptive_mask)
-  return optax.chain(t, normalize(labels, per_layer=per_layer), t,
-                     scale_by_rho(rho))
+  return optax.chain(
+      _prescaled_parameter_magnitude(t, labels, per_layer),
+      normalize(labels, per_layer=per_layer), t, scale_by_rho(rho))
+
+
+def _prescaled_parameter_magnitude(
+    t: optax.GradientTransformation, labels: groups_lib.Labels,
+    per_layer: bool) -> optax.GradientTransformation:
+  """``T_w (g / m)``, ``m`` the largest ``|g|`` of each normalization group
+  (global, or per layer group with ``per_layer``).
+
+  The normalization that follows is invariant to a positive factor per
+  group, so this is ASAM's ``T_w g`` up to that factor; computed this way
+  ``T_w g`` neither overflows (a ``1e30`` gradient, or a float16 leaf
+  where ``|w| |g| > 65504``) nor underflows. State: ``t``'s.
+  """
+
+  def update_fn(updates, state, params=None):
+    leaves, treedef = jax.tree.flatten(updates)
+    tops = [jnp.max(jnp.abs(jnp.asarray(x, jnp.float32))) if x.size
+            else jnp.zeros([], jnp.float32) for x in leaves]
+    labs = groups_lib.leaf_labels(updates, labels, per_layer)
+    maxes = groups_lib.reduce_per_leaf(
+        tops, labs, lambda xs: jnp.max(jnp.stack(xs)))
+    # Computed in float32 (T_w g / m <= T_w): cast to the leaf's dtype by t.
+    scaled = [jnp.asarray(x, jnp.float32) / jnp.where(m > 0, m, 1.0)
+              for x, m in zip(leaves, maxes)]
+    out, state = t.update(jax.tree.unflatten(treedef, scaled), state, params)
+    return jax.tree.map(lambda o, x: o.astype(x.dtype), out, updates), state
+
+  return optax.GradientTransformation(t.init, update_fn)
