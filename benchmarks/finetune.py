@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import os
 import time
 from collections.abc import Iterable, Sequence
 from typing import Any, NamedTuple, Optional
@@ -204,11 +205,14 @@ def compiled_memory(result: Fit) -> dict[str, Any]:
 
 
 def cost_figures(result: Fit) -> dict[str, Any]:
-  """The per-run cost columns of both tasks (module docstring)."""
+  """The per-run cost columns of both tasks (module docstring), and the
+  host's 1-minute load average at the end of the run (other processes
+  competing for the CPU show in it)."""
   timed = max(result.steps - 1 - result.compile_steps, 1)
   ratio = (None if result.ascent_active is None
            else result.ascent_active + result.descent_active)
-  return {"steps": result.steps, "train_time_s": result.train_time_s,
+  return {"load_avg_1m": os.getloadavg()[0],
+          "steps": result.steps, "train_time_s": result.train_time_s,
           "step_time_ms": 1e3 * result.train_time_s / timed,
           "first_step_s": result.first_step_s,
           "compile_steps": result.compile_steps,

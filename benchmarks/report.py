@@ -194,7 +194,7 @@ _COST_COLUMNS = ("*ms/step*: the timed steps' wall time per step (steps "
 
 
 def _cost_cells(s: dict[str, Any]) -> str:
-  return (f"{_fmt(s.get('step_time_ms'), '.2f')} | "
+  return (f"{_pm(s, 'step_time_ms', '.2f')} | "
           f"{_fmt(s.get('train_time_ratio'), '.2f')} | "
           f"{_fmt(s.get('ascent_active'), '.3f')} | "
           f"{_fmt(s.get('descent_active'), '.3f')} | "
@@ -258,8 +258,15 @@ def _cost_table(res: dict[str, Any]) -> list[str]:
   for m, s in res["summary"].items():
     out.append(f"| {m} | {_cost_cells(s)} |")
   wall = res.get("wall_time_s")
+  load = [r["load_avg_1m"] for r in res["runs"] if "load_avg_1m" in r]
   return out + ["", _COST_COLUMNS, ""] + (
-      [f"Recorded in {wall:.0f} s of wall time (pre-training included).", ""]
+      [f"Recorded in {wall:.0f} s of wall time (pre-training included)" + (
+          f"; the host's 1-minute load average at the end of the runs: "
+          f"{min(load):.1f} to {max(load):.1f} on "
+          f"{res['provenance']['device'].get('cpu_count')} cores (this "
+          "process alone keeps it near the core count; more means other "
+          "processes competed for the CPU during the timed steps)" if load
+          else "") + ".", ""]
       if wall is not None else [])
 
 
