@@ -326,3 +326,35 @@ def test_deprecated_names_warn_and_still_work():
     schedules.recompute_every(k=2)
   with pytest.raises(AttributeError):
     optax_sam.no_such_name  # pylint: disable=pointless-statement
+
+
+def test_pass_coverage_fields():
+  """clean_active + perturbed_active: SAM 1 + 1; layer-wise SAM's clean
+  pass covers every leaf (unselected='clean'), its perturbed pass the
+  selection; a reuse step has no perturbed pass."""
+  params, loss, x, y = _cov_problem()
+  sizes = np.array([np.size(v) for v in jax.tree.leaves(params)], float)
+  last = sizes[-2:].sum() / sizes.sum()  # the output layer's w and b
+  cases = [
+      (optax_sam.sam(optax.sgd(0.1)), [(1.0, 1.0)] * 2),
+      (optax_sam.sam(optax.sgd(0.1), policy=optax_sam.policies.fixed([-1])),
+       [(1.0, last)] * 2),
+      (optax_sam.sam(optax.sgd(0.1), policy=optax_sam.policies.fixed([-1]),
+                     unselected="zero"), [(last, last)] * 2),
+      (optax_sam.sam(optax.sgd(0.1),
+                     schedule=optax_sam.schedules.recompute_every(2)),
+       [(1.0, 1.0), (1.0, 0.0)]),
+  ]
+  for tx, want in cases:
+    state = tx.init(params)
+    step = jax.jit(optax_sam.make_update(tx, loss))
+    for w in want:
+      _, _, state = step(params, state, x, y)
+      np.testing.assert_allclose(
+          [state.clean_active, state.perturbed_active], w, rtol=1e-6)
+
+
+def _cov_problem():
+  from benchmarks import cost as cost_lib  # pylint: disable=g-import-not-at-top
+  params, loss, x = cost_lib.deep_tanh_mlp(3, 8, 16)
+  return params, loss, x, jnp.sin(x)

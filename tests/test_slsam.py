@@ -216,6 +216,9 @@ def test_no_recompilation_and_active_fraction():
     np.testing.assert_allclose(state.ascent_active,
                                sizes[sel].sum() / sizes.sum(), rtol=1e-6)
     np.testing.assert_allclose(state.descent_active, state.ascent_active)
+    # Both passes cover the drawn tensors only (the gated clean pass too).
+    np.testing.assert_allclose(state.clean_active, state.ascent_active)
+    np.testing.assert_allclose(state.perturbed_active, state.ascent_active)
   assert step._cache_size() == 1  # pylint: disable=protected-access
 
 

@@ -129,6 +129,13 @@ class SharpnessAwareState(NamedTuple):
       base optimizer's are guarded whatever its value: a policy's or
       schedule's statistic that is not finite is not recorded, and
       ``stored`` keeps its previous value when the new one is not finite.
+    clean_active: float32, fraction of parameters whose gradient the last
+      step's clean pass computed (1 when every leaf's was needed, e.g.
+      layer-wise SAM's ``unselected="clean"``; the selection's share under
+      the ``gated`` executor).
+    perturbed_active: float32, the same for the pass at ``w + eps`` (0 on a
+      reuse step). ``clean_active + perturbed_active`` is the step's
+      backward work in parameters, against SGD's 1 and SAM's 2.
   """
   opt_state: optax.OptState
   perturbation_state: optax.OptState
@@ -146,6 +153,8 @@ class SharpnessAwareState(NamedTuple):
   ascent_active: jax.Array
   descent_active: jax.Array
   finite: jax.Array
+  clean_active: jax.Array
+  perturbed_active: jax.Array
 
 
 def recompute_fraction(state: SharpnessAwareState) -> jax.Array:
@@ -403,7 +412,9 @@ def sharpness_aware(
                                 jnp.int32),
         ascent_active=jnp.zeros([], jnp.float32),
         descent_active=jnp.zeros([], jnp.float32),
-        finite=jnp.ones([], jnp.bool_))
+        finite=jnp.ones([], jnp.bool_),
+        clean_active=jnp.zeros([], jnp.float32),
+        perturbed_active=jnp.zeros([], jnp.float32))
 
   def decision(sched_state, recomputes):
     pred = schedule.decide(sched_state)
@@ -460,12 +471,12 @@ def sharpness_aware(
     def body(flags, recompute):
       sub = jax.tree.map(lambda a, b: a and b,
                          groups.mask_from_flags(flags), static_mask)
+      # Every leaf's clean gradient where a descent or the mixer needs it.
+      full = hoist or unselected == "clean" or (unselected == "perturbed"
+                                                and reuses)
       if hoist:
         value, g, g_bar = None, g_full, g_full_bar
       else:
-        # Every leaf's clean gradient where a descent or the mixer needs it.
-        full = unselected == "clean" or (unselected == "perturbed"
-                                         and reuses)
         value, g = oracle.clean_with_value(
             local, wrt=None if full else sub,
             gates=None if full else pass_gates)
@@ -500,7 +511,8 @@ def sharpness_aware(
         if unselected == "zero":
           descent = keep(step_lib.restrict(descent, sub), sub)
         active = (zero, jnp.float32(sub_fraction if unselected == "zero"
-                                    else 1.0))
+                                    else 1.0),
+                  jnp.float32(1.0 if full else sub_fraction), zero)
         rstats = schedules_lib.ReuseStats(zero, zero)
         return (value, descent, pstate, state.stored, rstats, age, active,
                 stats(descent))
@@ -543,7 +555,9 @@ def sharpness_aware(
       else:
         stored, rstats = state.stored, schedules_lib.ReuseStats(zero, zero)
       active = (jnp.float32(sub_fraction), jnp.float32(
-          1.0 if full_descent else sub_fraction))
+          1.0 if full_descent else sub_fraction),
+                jnp.float32(1.0 if full else sub_fraction),
+                jnp.float32(1.0 if full_descent else sub_fraction))
       return (value, descent, pstate, stored, rstats,
               jnp.zeros([], jnp.int32), active, stats(descent))
 
@@ -602,7 +616,8 @@ def sharpness_aware(
         last_selection=used, branch=jnp.asarray(branch, jnp.int32),
         branch_counts=counts, ascent_active=active[0],
         descent_active=active[1],
-        finite=all_finite(descent) & all_finite(new_updates))
+        finite=all_finite(descent) & all_finite(new_updates),
+        clean_active=active[2], perturbed_active=active[3])
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
