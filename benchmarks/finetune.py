@@ -25,12 +25,12 @@ Recorded per run (``fit`` and ``cost_figures``):
   that compiled one (``compile_steps``, ``compile_steps_s``), each timed
   apart between two waits for the device; ``step_time_ms`` is
   ``train_time_s`` over the steps it covers;
-* ``ascent_active`` / ``descent_active``: mean over the steps of the
-  fraction of parameters each pass covered, read from the
-  ``optax_sam.SharpnessAwareState`` in the optimizer state after every step
-  (kept on the device, summed once at the end); ``optax_sam.plain`` (the
-  base optimizer alone) has one full pass: 0 and 1. ``active_ratio`` is
-  their sum, the per-step active-parameter work relative to SGD's one full
+* ``clean_active`` / ``perturbed_active``: mean over the steps of the
+  fraction of parameters whose gradient the clean pass and the pass at
+  ``w + eps`` computed, read from the ``optax_sam.SharpnessAwareState`` in
+  the optimizer state after every step (kept on the device, summed once at
+  the end); ``optax_sam.plain`` (the base optimizer alone) has one full
+  pass: 1 and 0. ``active_ratio`` is their sum, the per-step active-parameter work relative to SGD's one full
   backward (SAM: 2). Methods without either state: ``None``;
 * ``memory``: ``memory_analysis()`` of the compiled step (for a host-driven
   method, of each program it compiled, the one with the largest temporary
@@ -124,8 +124,8 @@ class Fit(NamedTuple):
   first_step_s: float
   compile_steps: int  # later steps that compiled a program, timed apart
   compile_steps_s: float
-  ascent_active: Optional[float]
-  descent_active: Optional[float]
+  clean_active: Optional[float]
+  perturbed_active: Optional[float]
   programs: list[Any]  # the jitted programs the run ran
   batch: tuple[Any, ...]  # one batch, for lowering the programs
 
@@ -170,7 +170,7 @@ def fit(method: methods_lib.Method, loss_fn, params,
     params, state = step(params, state, *b)
     if tracked:
       sa = sharpness_state(state)
-      active.append((sa.ascent_active, sa.descent_active))
+      active.append((sa.clean_active, sa.perturbed_active))
     if len(programs) != known:  # compiled a program: timed apart
       jax.block_until_ready(params)
       te = time.perf_counter()
@@ -186,7 +186,7 @@ def fit(method: methods_lib.Method, loss_fn, params,
     asc, desc = (float(jnp.mean(jnp.stack([a[i] for a in active])))
                  for i in (0, 1))
   else:
-    asc, desc = (0.0, 1.0) if plain else (None, None)
+    asc, desc = (1.0, 0.0) if plain else (None, None)
   return Fit(params, state, steps, train_time, first_step_s, compile_steps,
              compile_s, asc, desc, programs, batch)
 
@@ -209,16 +209,16 @@ def cost_figures(result: Fit) -> dict[str, Any]:
   host's 1-minute load average at the end of the run (other processes
   competing for the CPU show in it)."""
   timed = max(result.steps - 1 - result.compile_steps, 1)
-  ratio = (None if result.ascent_active is None
-           else result.ascent_active + result.descent_active)
+  ratio = (None if result.clean_active is None
+           else result.clean_active + result.perturbed_active)
   return {"load_avg_1m": os.getloadavg()[0],
           "steps": result.steps, "train_time_s": result.train_time_s,
           "step_time_ms": 1e3 * result.train_time_s / timed,
           "first_step_s": result.first_step_s,
           "compile_steps": result.compile_steps,
           "compile_steps_s": result.compile_steps_s,
-          "ascent_active": result.ascent_active,
-          "descent_active": result.descent_active, "active_ratio": ratio,
+          "clean_active": result.clean_active,
+          "perturbed_active": result.perturbed_active, "active_ratio": ratio,
           "memory": compiled_memory(result),
           "state_bytes": run_lib._state_bytes(result.state)}  # pylint: disable=protected-access
 
@@ -414,8 +414,8 @@ def main(argv=None) -> dict[str, Any]:
 
   summary = summarize(
       runs, ["test_acc", "test_nll", "old_acc_after", "forgetting",
-             "train_time_s", "step_time_ms", "ascent_active",
-             "descent_active", "active_ratio", "state_bytes",
+             "train_time_s", "step_time_ms", "clean_active",
+             "perturbed_active", "active_ratio", "state_bytes",
              "memory.temp_size_in_bytes", "memory.argument_size_in_bytes",
              "memory.output_size_in_bytes"],
       paired=["test_acc", "test_nll", "forgetting"],

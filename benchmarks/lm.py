@@ -136,8 +136,8 @@ def main(argv=None) -> dict[str, Any]:
 
   summary = ft.summarize(
       runs, ["val_loss", "perplexity", "pretrain_val_loss_after",
-             "forgetting", "train_time_s", "step_time_ms", "ascent_active",
-             "descent_active", "active_ratio", "state_bytes",
+             "forgetting", "train_time_s", "step_time_ms", "clean_active",
+             "perturbed_active", "active_ratio", "state_bytes",
              "memory.temp_size_in_bytes", "memory.argument_size_in_bytes",
              "memory.output_size_in_bytes", "grad_norm"],
       paired=["val_loss", "forgetting"], ratios=["train_time_s"])

@@ -123,10 +123,10 @@ def _check_cost_columns(out, sam_like=("sam",)):
     assert mem["argument_size_in_bytes"] > 0
     assert mem["output_size_in_bytes"] > 0 and mem["temp_size_in_bytes"] >= 0
     if r["method"] == "sgd":  # the base optimizer alone: one full pass
-      assert (r["ascent_active"], r["descent_active"]) == (0.0, 1.0)
+      assert (r["clean_active"], r["perturbed_active"]) == (1.0, 0.0)
       assert r["active_ratio"] == 1.0
     if r["method"] in sam_like:
-      assert r["ascent_active"] == pytest.approx(1.0)
+      assert r["perturbed_active"] == pytest.approx(1.0)
       assert r["active_ratio"] == pytest.approx(2.0)
       # SAM's state is the base optimizer's and its own counters.
       assert r["state_bytes"] > runs[("sgd", r["seed"])]["state_bytes"]
@@ -167,7 +167,7 @@ def test_lm_finetune_slsam_smoke():
                  "--no-write"])
   (r,) = out["runs"]
   assert np.isfinite(r["val_loss"]) and r["hparams"]["seed"] == 0
-  assert 0.0 < r["ascent_active"] < 1.0 and 0.0 < r["descent_active"] < 1.0
+  assert 0.0 < r["clean_active"] < 1.0 and 0.0 < r["perturbed_active"] < 1.0
   assert r["active_ratio"] < 2.0
 
 
@@ -205,7 +205,7 @@ def test_vision_finetune_slsam_smoke():
   for name in ("slsam", "slsam_vit"):
     r = runs[name]
     assert r["hparams"]["seed"] == 0
-    assert 0.0 < r["ascent_active"] < 1.0 and 0.0 < r["descent_active"] < 1.0
+    assert 0.0 < r["clean_active"] < 1.0 and 0.0 < r["perturbed_active"] < 1.0
     assert 0.0 <= r["test_acc"] <= 1.0
 
 
