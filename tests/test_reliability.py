@@ -253,3 +253,26 @@ def test_readme_recipe_runs():
   assert not bool(scope["state"].finite)
   jax.tree.map(lambda a: np.testing.assert_array_equal(a, 1.0),
                scope["params"])
+
+
+def test_slsam_gated_params_with_a_none_leaf():
+  # Found by test_properties: the gated executor counted params' None
+  # subtree as a gate ("gates must have one entry per parameter leaf").
+  # The same steps as without the None entry (same arms, same draws).
+  def run(p):
+    loss = lambda q, x: jnp.sum(jnp.tanh(x @ q["a"]["w"]) * q["b"])
+    tx = optax_sam.slsam(optax.sgd(0.1), fraction=0.5, executor="gated")
+    step = jax.jit(optax_sam.make_update(tx, loss))
+    st, out = tx.init(p), []
+    for _ in range(4):
+      _, u, st = step(p, st, jnp.ones((4, 2)))
+      assert bool(st.finite) and _all_finite(u)
+      p = optax.apply_updates(p, u)
+      out.append(p)
+    return out
+  p = {"a": {"w": jnp.ones((2, 3))}, "b": jnp.ones((3,))}
+  with_none = run(dict(p, skip=None))
+  for a, b in zip(with_none, run(p)):
+    assert a["skip"] is None
+    jax.tree.map(np.testing.assert_array_equal, {"a": a["a"], "b": a["b"]},
+                 b)

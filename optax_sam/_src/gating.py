@@ -246,8 +246,13 @@ def gated(fn: Callable[..., Any], gates: PyTree) -> Callable[..., Any]:
 
   @functools.wraps(fn)
   def wrapped(params, *args):
-    p_leaves = jax.tree.leaves(params)
-    g_leaves = jax.tree.leaves(gates, is_leaf=lambda x: x is None)
+    p_leaves, p_def = jax.tree.flatten(params)
+    try:
+      # Up to params' structure: a None gate of an array leaf is a leaf;
+      # a None subtree of params (no leaf) matches gates' None there.
+      g_leaves = p_def.flatten_up_to(gates)
+    except (ValueError, TypeError):
+      g_leaves = jax.tree.leaves(gates, is_leaf=lambda x: x is None)
     if len(g_leaves) != len(p_leaves):
       raise ValueError(f"gates must have one entry per parameter leaf: got "
                        f"{len(g_leaves)} for {len(p_leaves)} leaves.")
