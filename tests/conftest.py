@@ -9,3 +9,19 @@ if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (
       _flags + " --xla_force_host_platform_device_count=8").strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# Hypothesis profiles (tests/test_properties.py): small by default, as the
+# suite is compile-bound; smaller and reproducible in CI (CI set in the
+# environment). HYPOTHESIS_PROFILE picks one explicitly.
+try:
+  import hypothesis
+except ImportError:  # only test_properties.py needs it
+  hypothesis = None
+if hypothesis is not None:
+  hypothesis.settings.register_profile(
+      "default", max_examples=3, deadline=None)
+  hypothesis.settings.register_profile(
+      "ci", max_examples=2, deadline=None, derandomize=True,
+      database=None, print_blob=True)
+  hypothesis.settings.load_profile(os.environ.get(
+      "HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "default"))
