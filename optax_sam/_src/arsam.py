@@ -291,6 +291,13 @@ def arsam(
   it. Cost: ``1 + f`` SGD gradients per step, ``f`` the sampled fraction
   (``optax_sam.recompute_fraction(state)``).
 
+  Non-finite and huge gradients: a recompute whose PSF is not finite (a
+  NaN batch, or ``g_sam - g`` overflowing) keeps the previous PSF, so the
+  reuse steps that follow stay finite; the adaptive schedule does not
+  record a norm or ratio that is not finite. The step is reported in
+  ``state.finite`` (skip it with ``optax.apply_if_finite`` as the base
+  optimizer).
+
   With ``schedule=optax_sam.schedules.recompute_always()`` (or any schedule
   that recomputes every step) this is :func:`optax_sam.sam` exactly. With a
   ``policy`` (e.g. ``optax_sam.policies.top_k(2)``) the ascent and the

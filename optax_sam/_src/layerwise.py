@@ -142,6 +142,14 @@ def layerwise_sam(
     sync_ascent: also average the ascent gradient over ``axis_name``.
     interval: deprecated name of ``every``.
 
+  Huge gradients: the layer statistic is built on a squared norm in
+  float32, which overflows for a layer whose gradient norm exceeds about
+  ``1e19`` (e.g. ``1e30`` gradients). Such a statistic is not a
+  measurement: the layer counts as unobserved that step, its score keeps
+  its last value (NaN for a layer never observed, which ranks lowest) and
+  the selection holds; the step itself stays finite and is reported in
+  ``state.finite`` only if its gradient or updates are not.
+
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a
     :class:`optax_sam.SharpnessAwareState` (selection, branch counts and
