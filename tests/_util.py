@@ -162,3 +162,57 @@ def reuse(optimizer, schedule, mixer, **kwargs):
     kwargs["mask"] = kwargs.pop("perturb")
   return optax_sam.sharpness_aware(optimizer, schedule=schedule, mixer=mixer,
                                    **kwargs)
+
+
+# ------------------------- one configuration per method, compiled once
+# (test_compile_count, test_memory and test_resume run the same steps: in one
+# process each (method, path) is traced and compiled once for all three).
+
+
+def wide_mlp(seed=0):
+  """The reference MLP 16 -> 64 -> 8 (``jax_loss``) and 64 rows:
+  ``(params, x, y)`` as numpy; large enough that activations and gradients,
+  not scalars, make up the compiled step's memory, and as quick to compile
+  as the 5 -> 7 -> 3 one."""
+  p = reference.init_params(seed, d_in=16, d_hidden=64, d_out=8)
+  x, y = reference.make_data(seed + 1, n=64, d_in=16, d_out=8)
+  return p, x, y
+
+
+def committed(tree):
+  """``tree`` on the first device, committed (as arrays restored from a
+  checkpoint are: jit keys its programs on committedness too)."""
+  return jax.device_put(tree, jax.devices()[0])
+
+
+def sgd_momentum():
+  return optax.sgd(0.1, momentum=0.9)
+
+
+METHODS = {
+    "sam": lambda: optax_sam.sam(sgd_momentum(), rho=0.05),
+    "asam": lambda: optax_sam.asam(sgd_momentum(), rho=0.5, eta=0.01),
+    "layerwise_sam": lambda: optax_sam.layerwise_sam(
+        sgd_momentum(), rho=0.05, num_layers=1, every=2),
+    "arsam": lambda: optax_sam.arsam(sgd_momentum(), rho=0.05, seed=2),
+    "looksam": lambda: optax_sam.looksam(sgd_momentum(), rho=0.05, every=2),
+    "slsam": lambda: optax_sam.slsam(sgd_momentum(), rho=0.05, fraction=0.5),
+    # A random layer and random recompute steps, typed PRNG keys.
+    "sharpness_aware": lambda: optax_sam.sharpness_aware(
+        sgd_momentum(), policy=optax_sam.policies.random_k(1),
+        schedule=optax_sam.schedules.recompute_with_probability(0.5),
+        seed=jax.random.key(2)),
+    "plain": lambda: optax_sam.plain(sgd_momentum()),
+}
+
+_SHARED = {}
+
+
+def shared_step(name, path, make=None):
+  """``(tx, jax.jit(step))`` of ``METHODS[name]`` (or ``make()``) via C1 or
+  C2 (:func:`make_step`), built once per process and key."""
+  key = (name, path)
+  if key not in _SHARED:
+    tx = (make or METHODS[name])()
+    _SHARED[key] = (tx, make_step(tx, path))
+  return _SHARED[key]
