@@ -40,6 +40,11 @@ def asam(
   optimizer (e.g. ``optax.sgd`` chained with ``optax.add_decayed_weights``),
   which applies it at the unperturbed weights.
 
+  ``T_w g`` is formed after dividing ``g`` by its largest magnitude (the
+  normalization cancels the factor), so huge gradients (``1e30``) or
+  float16 leaves do not overflow ``|w| |g|`` (see
+  :func:`optax_sam.asam_perturbation`).
+
   Args:
     optimizer: the base optimizer (see :func:`optax_sam.sharpness_aware`).
     rho: neighbourhood radius, > 0, or a schedule.
