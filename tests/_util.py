@@ -197,10 +197,10 @@ METHODS = {
     "arsam": lambda: optax_sam.arsam(sgd_momentum(), rho=0.05, seed=2),
     "looksam": lambda: optax_sam.looksam(sgd_momentum(), rho=0.05, every=2),
     "slsam": lambda: optax_sam.slsam(sgd_momentum(), rho=0.05, fraction=0.5),
-    # A random layer and random recompute steps, typed PRNG keys.
+    # A random layer (a typed PRNG key), the ascent every third step.
     "sharpness_aware": lambda: optax_sam.sharpness_aware(
         sgd_momentum(), policy=optax_sam.policies.random_k(1),
-        schedule=optax_sam.schedules.recompute_with_probability(0.5),
+        schedule=optax_sam.schedules.recompute_every(3),
         seed=jax.random.key(2)),
     "plain": lambda: optax_sam.plain(sgd_momentum()),
 }

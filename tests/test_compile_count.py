@@ -10,11 +10,14 @@ silently, every time it changes. Each case runs ``STEPS`` steps of
 ``make_update``) with ``optax.apply_updates`` between them, as a user's loop
 does (inputs committed to one device, as restored checkpoints are; the
 programs are shared with test_memory and test_resume through
-``_util.shared_step``), and requires, from the second step on, no backend compilation and no
-tracing in the whole process (counted through ``jax.monitoring``) and one
-entry in the jitted step's cache (``_cache_size()``).
-``test_the_detector_sees_a_recompilation`` checks that both counters do see
-a recompilation (a changed batch shape, and a weakly typed state leaf).
+``_util.shared_step``), and requires, from the second step on, no backend
+compilation and no tracing in the whole process (counted through
+``jax.monitoring``, per step) and one entry in the jitted step's cache
+(``_cache_size()``). ``test_the_detector_sees_a_recompilation`` checks that
+both counters see a recompilation (a weakly typed state leaf, then a
+changed batch shape) on exactly the steps that cause one.
+
+Measured (jax 0.10.2, optax 0.2.8, CPU): no case recompiles.
 """
 
 import collections
@@ -26,11 +29,10 @@ import optax
 import pytest
 
 import optax_sam
-from _util import (METHODS, committed, make_step, rolling_batches, sgd_momentum,
-                   shared_step, to_jax, wide_mlp)
+from _util import (METHODS, committed, make_step, rolling_batches,
+                   sgd_momentum, shared_step, to_jax, wide_mlp)
 
 STEPS = 6
-P, S = optax_sam.policies, optax_sam.schedules
 BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 TRACE = "/jax/core/compile/jaxpr_trace_duration"
 
@@ -52,11 +54,10 @@ def counting():
     jax.monitoring.unregister_event_duration_listener(listener)
 
 
-# The base optimizer, the schedule and hyperparameters around the methods.
+# The base optimizer and hyperparameters around the methods (the schedule:
+# METHODS["sharpness_aware"] has schedule=recompute_every(3), a random
+# layer policy and a typed key).
 VARIANTS = {
-    "layerwise_schedule_every_3": lambda: optax_sam.layerwise_sam(
-        sgd_momentum(), rho=0.05, num_layers=1, every=2,
-        schedule=S.recompute_every(3)),
     # A rho schedule and a learning-rate schedule, both injected.
     "inject_rho_and_lr": lambda: optax.inject_hyperparams(optax_sam.sam)(
         optimizer=optax.inject_hyperparams(optax.sgd)(
@@ -68,8 +69,6 @@ VARIANTS = {
                                  every=2),
     "multisteps": lambda: optax_sam.sam(
         optax.MultiSteps(sgd_momentum(), every_k_schedule=2)),
-    "multisteps_slsam": lambda: optax_sam.slsam(
-        optax.MultiSteps(optax.adam(1e-2), every_k_schedule=2)),
     "chain_adamw": lambda: optax_sam.sam(optax.chain(
         optax.clip_by_global_norm(1.0), optax.adamw(1e-3))),
 }

@@ -20,7 +20,6 @@ state is one params-shaped trace, 6432 bytes):
 
 import jax
 import jax.numpy as jnp
-import optax
 import pytest
 
 from _util import (METHODS, committed, jax_loss, sgd_momentum, shared_step,
@@ -29,7 +28,7 @@ from _util import (METHODS, committed, jax_loss, sgd_momentum, shared_step,
 REUSE = ("arsam", "looksam", "sharpness_aware")  # store a params-shaped tree
 # Bounds on temp bytes / SGD's. Measured (jax 0.10.2, CPU): 1.00 (sam,
 # asam, plain), 1.01-1.03 (looksam, layerwise_sam, arsam), 1.07 (slsam),
-# 1.25 (sharpness_aware: a random layer and random recompute steps, four
+# 1.24 (sharpness_aware: a random layer, the ascent every third step, four
 # switch branches). One more buffer the size of the hidden activations
 # (64 x 64 float32, 16 KB) adds 0.5.
 TEMP_BOUND = {"sam": 1.15, "asam": 1.15, "plain": 1.15, "layerwise_sam": 1.2,

@@ -119,13 +119,16 @@ def test_two_processes_equal_one(runs, method):
   keys = sorted(k for k in one if k.startswith(method + "/"))
   assert keys and keys == sorted(k for k in two
                                  if k.startswith(method + "/"))
+  worst = 0.0
   for k in keys:
     a, b = one[k], two[k]
     assert a.dtype == b.dtype and a.shape == b.shape, k
     if np.issubdtype(a.dtype, np.floating):
       np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6, err_msg=k)
+      worst = max(worst, float(np.max(np.abs(b - a), initial=0.0)))
     else:  # decisions, counts, keys: exactly
       np.testing.assert_array_equal(b, a, err_msg=k)
+  print(f"{method}: {len(keys)} arrays, largest float difference {worst:.3g}")
   # The run exercised the method's run-time decisions (both branches, a
   # changing selection), and training moved the parameters.
   counts = one[f"{method}/[1].branch_counts"]
