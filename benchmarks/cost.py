@@ -572,7 +572,10 @@ def slsam_methods(fractions: tuple[float, ...] = (0.5, 0.2)
                                                   executor="switch")
   out[f"slsam[s={f:g},dense]"] = optax_sam.slsam(base(), fraction=f,
                                                  executor="dense")
-  out["slsam[s=1,gated]"] = optax_sam.slsam(base(), fraction=1.0)
+  # (slsam(fraction=1) runs dense by default; the gated executor is forced
+  # here to show what gating costs with nothing to skip.)
+  out["slsam[s=1,gated]"] = optax_sam.slsam(
+      base(), fraction=1.0, executor=optax_sam.executors.gated())
   return out
 
 
