@@ -122,7 +122,8 @@ class SharpnessAwareState(NamedTuple):
     descent_active: float32, the same for the descent pass.
     finite: bool, whether the last step's descent gradient and the updates
       the base optimizer produced from it were all finite (True after
-      ``init``). Nothing is done about a non-finite step besides reporting
+      ``init``; from each leaf's float32 sum, so a leaf summing beyond the
+      float32 range counts as not finite too). Nothing is done about a non-finite step besides reporting
       it (as in optax, a NaN gradient reaches the base optimizer): skip such
       steps with ``optax.apply_if_finite`` as the *base* optimizer (see the
       README, "Skipping bad steps"). Parts of the state that are not the
@@ -167,12 +168,25 @@ _f32 = groups_lib.f32
 
 def all_finite(tree: PyTree) -> jax.Array:
   """bool scalar: every float leaf of ``tree`` is finite (True for a tree
-  without float leaves, or with zero-size leaves only)."""
-  flags = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-           if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
-  if not flags:
+  without float leaves, or with zero-size leaves only).
+
+  Computed from each leaf's float32 sum, one reduction (half the work of
+  ``all(isfinite(x))``): a NaN or an infinity anywhere makes it False, and
+  so does a leaf whose finite values sum beyond the float32 range
+  (``|sum| > 3.4e38``, gradients of ``1e30`` over ``3e8`` entries), which
+  is worth reporting too.
+  """
+  sums = []
+  for x in jax.tree.leaves(tree):
+    if not np.size(x):
+      continue
+    if jnp.issubdtype(jnp.result_type(x), jnp.floating):
+      sums.append(jnp.sum(x, dtype=jnp.float32))
+    elif jnp.issubdtype(jnp.result_type(x), jnp.complexfloating):
+      sums.append(jnp.where(jnp.all(jnp.isfinite(x)), 0.0, jnp.nan))
+  if not sums:
     return jnp.ones([], jnp.bool_)
-  return jnp.all(jnp.stack(flags))
+  return jnp.all(jnp.isfinite(jnp.stack(sums)))
 
 
 def _restricted(tree: PyTree, mask: PyTree) -> list[Any]:
@@ -547,6 +561,13 @@ def sharpness_aware(
       if reuses:
         stored = jax.tree.map(lambda s, x: x.astype(s.dtype), state.stored,
                               mixer.store(g_bar, descent))
+        # A non-finite stored component (a NaN batch, or g_sam - g
+        # overflowing) is not kept: it would poison every reuse step until
+        # the next recompute. (Checked here, not on reuse steps, which keep
+        # the stored component as it is.)
+        stored_ok = all_finite(stored)
+        stored = jax.tree.map(lambda new, old: jnp.where(stored_ok, new, old),
+                              stored, state.stored)
         diff = [_f32(b) - _f32(a) for a, b in zip(
             _restricted(g_bar, stats_mask), _restricted(descent, stats_mask))]
         rstats = schedules_lib.ReuseStats(
@@ -567,13 +588,6 @@ def sharpness_aware(
     value, descent, pstate, stored, rstats, age, active, sq_norms = out
     if value is not None:
       oracle.record(*value)
-    if reuses:
-      # A non-finite stored component (a NaN batch, or g_sam - g
-      # overflowing) is not kept: it would poison every reuse step until
-      # the next recompute.
-      stored_ok = all_finite(stored)
-      stored = jax.tree.map(lambda new, old: jnp.where(stored_ok, new, old),
-                            stored, state.stored)
     pred_arr = jnp.asarray(pred, jnp.bool_)
 
     if policy is not None:
