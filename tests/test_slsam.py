@@ -267,18 +267,24 @@ def test_gated_equals_dense_on_a_cnn():
 
 
 def _attention_problem():
-  from optax_sam.models import CharTransformerLM  # pylint: disable=g-import-not-at-top
-  model = CharTransformerLM(vocab_size=11, d_model=16, num_layers=1,
-                            num_heads=2, max_len=8)
-  tok = jax.random.randint(jax.random.PRNGKey(0), (4, 9), 0, 11)
-  params = model.init(jax.random.PRNGKey(1), tok[:, :-1])["params"]
+  """One self-attention block written with einsum (products of two
+  activations, q k^T and weights v, beside the weight products)."""
+  keys = jax.random.split(jax.random.PRNGKey(1), 5)
+  d = 8
+  params = {"q": jax.random.normal(keys[0], (d, d)) / 3,
+            "k": jax.random.normal(keys[1], (d, d)) / 3,
+            "v": jax.random.normal(keys[2], (d, d)) / 3,
+            "o": {"kernel": jax.random.normal(keys[3], (d, 3)) / 3,
+                  "bias": jnp.zeros(3)}}
+  x = jax.random.normal(keys[4], (2, 5, d))
 
-  def loss(p, t):
-    logits = model.apply({"params": p}, t[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(
-        logits, t[:, 1:]).mean()
+  def loss(p, xb):
+    q, k, v = (jnp.einsum("btd,de->bte", xb, p[n]) for n in "qkv")
+    w = jax.nn.softmax(jnp.einsum("bqe,bke->bqk", q, k), axis=-1)
+    h = jnp.einsum("bqk,bke->bqe", w, v)
+    return jnp.sum(jnp.tanh(h @ p["o"]["kernel"] + p["o"]["bias"]))
 
-  return params, loss, (tok,)
+  return params, loss, (x,)
 
 
 def _conv_problem():
