@@ -139,10 +139,12 @@ def _check_cost_columns(out, sam_like=("sam",)):
 
 @_needs_sdist
 def test_lm_pretrain_finetune_smoke(tmp_path):
+  """One tiny pre-training, then sgd, sam and slsam fine-tune it."""
   from benchmarks import lm  # pylint: disable=g-import-not-at-top
-  out = lm.main(["--methods", "sgd,sam", "--seeds", "2", *_LM_TINY,
+  out = lm.main(["--methods", "sgd,sam,slsam", "--seeds", "2", *_LM_TINY,
                  "--name", "lm_smoke", "--results-dir", str(tmp_path)])
-  assert set(out["summary"]) == {"sgd", "sam"} and len(out["runs"]) == 2
+  assert set(out["summary"]) == {"sgd", "sam", "slsam"}
+  assert len(out["runs"]) == 3
   before = out["pretrain"]["val_loss_pretrain_corpus"]
   for r in out["runs"]:
     assert np.isfinite(r["val_loss"])
@@ -153,22 +155,15 @@ def test_lm_pretrain_finetune_smoke(tmp_path):
   runs = {r["method"]: r for r in out["runs"]}
   assert out["summary"]["sam"]["val_loss_minus_base"] == pytest.approx(
       runs["sam"]["val_loss"] - runs["sgd"]["val_loss"])
+  r = runs["slsam"]
+  assert r["hparams"]["seed"] == 2
+  assert 0.0 < r["clean_active"] < 1.0 and 0.0 < r["perturbed_active"] < 1.0
+  assert r["active_ratio"] < 2.0
   with open(tmp_path / "lm_smoke.json") as f:
     saved = json.load(f)
   assert saved["provenance"]["seeds"] == [2]
   text, _ = report.build(str(tmp_path))
   assert "forgetting" in text and "| sam |" in text
-
-
-@_needs_sdist
-def test_lm_finetune_slsam_smoke():
-  from benchmarks import lm  # pylint: disable=g-import-not-at-top
-  out = lm.main(["--methods", "slsam", "--seeds", "0", *_LM_TINY,
-                 "--no-write"])
-  (r,) = out["runs"]
-  assert np.isfinite(r["val_loss"]) and r["hparams"]["seed"] == 0
-  assert 0.0 < r["clean_active"] < 1.0 and 0.0 < r["perturbed_active"] < 1.0
-  assert r["active_ratio"] < 2.0
 
 
 @_needs_fashion

@@ -80,7 +80,7 @@ def _deep():
   return deep_mlp(DEPTH, WIDTH, 32, 4)
 
 
-def _train(executor, policy, restrict_descent, steps=10):
+def _train(executor, policy, restrict_descent, steps=7):
   params, loss, x, y = _deep()
   tx = selective(optax.sgd(0.1, momentum=0.9), policy,
                                executor=executor,
