@@ -612,10 +612,9 @@ def sharpness_aware(
                                               params, **extra_args)
     if freeze_unselected:
       active_leaves = _active_leaves(static_mask, leaf_sel)
-      new_updates = jax.tree.map(
-          lambda u, m: u if m is True else (
-              jnp.zeros_like(u) if m is False else
-              jnp.where(m, u, jnp.zeros_like(u))), new_updates, active_leaves)
+      new_updates = groups_lib.keep_where(
+          active_leaves, new_updates,
+          jax.tree.map(jnp.zeros_like, new_updates), params)
       opt_state = groups_lib.keep_where(active_leaves, opt_state,
                                         state.opt_state, params)
     counts = state.branch_counts.at[jnp.maximum(branch, 0)].set(

@@ -229,6 +229,13 @@ def _eval(jaxpr, consts: Sequence[Any], args: Sequence[Any],
   return [read(v) for v in jaxpr.outvars], [dep(v) for v in jaxpr.outvars]
 
 
+def _arg_deps(num_params: int, num_args: int) -> list[frozenset]:
+  """The leaf dependencies of a traced program's inputs: the first
+  ``num_params`` are the parameter leaves, the others depend on none."""
+  return ([frozenset([i]) for i in range(num_params)]
+          + [_EMPTY] * (num_args - num_params))
+
+
 def gated(fn: Callable[..., Any], gates: PyTree) -> Callable[..., Any]:
   """``fn(params, *args)`` whose parameter gradients are gated at run time.
 
@@ -260,8 +267,7 @@ def gated(fn: Callable[..., Any], gates: PyTree) -> Callable[..., Any]:
     n = len(p_leaves)
     if len(dyn) < n or any(a is not b for a, b in zip(dyn, p_leaves)):
       return fn(params, *args)  # a leaf is not an array: nothing to gate
-    arg_deps = [frozenset([i]) for i in range(n)] + [_EMPTY] * (len(dyn) - n)
-    out, _ = _eval(closed.jaxpr, closed.consts, dyn, arg_deps,
+    out, _ = _eval(closed.jaxpr, closed.consts, dyn, _arg_deps(n, len(dyn)),
                    _Gates(g_leaves))
     return jax.tree.unflatten(jax.tree.structure(out_shape), out)
 
@@ -275,21 +281,8 @@ def count_gated_products(fn: Callable[..., Any], params: PyTree,
   closed, _, dyn = conv_lib._trace(fn, (params,) + args, {})  # pylint: disable=protected-access
   n = len(jax.tree.leaves(params))
   gates = _Gates([jnp.bool_(True)] * n)
-  arg_deps = [frozenset([i]) for i in range(n)] + [_EMPTY] * (len(dyn) - n)
-  jax.eval_shape(lambda *a: _eval(closed.jaxpr, closed.consts, a, arg_deps,
+  deps = _arg_deps(n, len(dyn))
+  jax.eval_shape(lambda *a: _eval(closed.jaxpr, closed.consts, a, deps,
                                   gates)[0], *dyn)
   return gates.gated_ops
-
-
-def mask_leaves(tree: PyTree, gates: PyTree) -> PyTree:
-  """Zeros the leaves of ``tree`` whose gate is off (static or traced)."""
-  def one(x, g):
-    mode = _mode(g)
-    if mode == "on":
-      return x
-    if mode == "off":
-      return jnp.zeros_like(x)
-    return jnp.where(g, x, jnp.zeros_like(x))
-  return jax.tree.map(one, tree, gates, is_leaf=lambda x: x is None)
-
 
