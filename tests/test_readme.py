@@ -1,0 +1,106 @@
+"""README.md: every ```python block runs, and its figures match the results.
+
+The blocks run in order in one namespace (a later block may use the names an
+earlier one defined), as a reader would paste them. The method table's
+figures are read back from ``benchmarks/results/*.json``, so a result file
+and the README cannot drift apart silently.
+"""
+
+import json
+import os
+import re
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+README = os.path.join(ROOT, "README.md")
+RESULTS = os.path.join(ROOT, "benchmarks", "results")
+
+
+def _readme() -> str:
+  with open(README, encoding="utf-8") as f:
+    return f.read()
+
+
+def python_blocks(text: str) -> list[str]:
+  """The bodies of the ```python fenced blocks, in order."""
+  return re.findall(r"^```python\n(.*?)^```$", text, flags=re.S | re.M)
+
+
+def test_readme_is_short():
+  assert len(_readme().splitlines()) <= 230
+
+
+def test_readme_python_blocks_run():
+  pytest.importorskip("flax")
+  pytest.importorskip("sklearn")
+  blocks = python_blocks(_readme())
+  assert len(blocks) >= 2, "the README lost its examples"
+  namespace = {"__name__": "__readme__"}
+  for i, block in enumerate(blocks):
+    code = compile(block, f"README.md python block {i}", "exec")
+    exec(code, namespace)  # pylint: disable=exec-used
+
+
+def test_readme_test_command_is_what_ci_runs():
+  command = 'python3 -m pip install -e ".[test]" && python3 -m pytest -n auto'
+  assert command in _readme()
+  with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as f:
+    ci = f.read()
+  assert re.search(r'python3 -m pip install (-q )?-e "\.\[test\]" && '
+                   r"python3 -m pytest -n auto", ci)
+
+
+def _table_rows(text: str, header_start: str) -> dict[str, list[str]]:
+  """The rows of the Markdown table whose header starts with header_start,
+  keyed by the method name (the first code span of the first cell)."""
+  lines = text.splitlines()
+  start = next(i for i, l in enumerate(lines) if l.startswith(header_start))
+  rows = {}
+  for line in lines[start + 2:]:
+    if not line.startswith("|"):
+      break
+    cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+    name = re.match(r"`(\w+)\(", cells[0]).group(1)
+    rows[name] = cells
+  return rows
+
+
+# method -> (result file, method key in it); the task is the only one there.
+_SOURCES = {
+    "plain": ("full_mlp_noise_long.json", "sgd"),
+    "sam": ("full_mlp_noise_long.json", "sam"),
+    "asam": ("full_mlp_noise_long.json", "asam"),
+    "layerwise_sam": ("full_mlp_noise_long_seed_methods.json",
+                      "layerwise_sam"),
+    "arsam": ("full_mlp_noise_long_seed_methods.json", "arsam"),
+    "looksam": ("full_mlp_noise_long_seed_methods.json", "looksam"),
+}
+
+
+def test_readme_method_table_matches_results():
+  rows = _table_rows(_readme(), "| method | what it does |")
+  for method, (name, key) in _SOURCES.items():
+    with open(os.path.join(RESULTS, name), encoding="utf-8") as f:
+      (task,) = json.load(f)["results"].values()
+    flops = task["cost"][key]["flops_ratio"]
+    summary = task["summary"][key]
+    row = rows[method]
+    assert row[2] == f"{flops:.2f}", (method, row[2], flops)
+    if key == "sgd":
+      assert row[3] == "0"
+    else:
+      delta = (f"{summary['acc_minus_sgd']:+.4f} ± "
+               f"{summary['acc_minus_sgd_std']:.4f}")
+      assert row[3] == delta, (method, row[3], delta)
+  # A row without a source must say so with "-" (explained under the table).
+  for method, row in rows.items():
+    if method not in _SOURCES:
+      assert row[2:] == ["-", "-"], (method, row)
+  assert "**`-`**" in _readme()
+
+
+def test_readme_links_exist():
+  text = _readme()
+  for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+    assert os.path.exists(os.path.join(ROOT, target)), target
