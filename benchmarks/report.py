@@ -1,9 +1,14 @@
 """Tables and plots from ``benchmarks/results/*.json`` (never typed by hand).
 
-``python -m benchmarks.report`` writes ``benchmarks/results/REPORT.md``, a
-PNG per benefit result (accuracy vs training wall time, FLOPs ratio bars),
-and replaces the block between ``<!-- results:start -->`` and
-``<!-- results:end -->`` in README.md with the generated tables.
+``python -m benchmarks.report`` writes ``benchmarks/results/REPORT.md`` and,
+next to each ``benchmarks.run`` results file, per task a Pareto chart
+(``<file>_<task>_pareto.png``: paired accuracy gain over SGD against wall
+time per step relative to SGD) and a curve (accuracy vs training wall time,
+FLOPs ratio bars); it replaces the block between ``<!-- results:start -->``
+and ``<!-- results:end -->`` in README.md with the same text (``--no-readme``
+leaves README alone). ``--results-dir`` reports another folder, e.g. a run
+folder of ``benchmarks.run`` (which redraws its own report at the end of
+every run).
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ import argparse
 import glob
 import json
 import os
-from typing import Any
+import re
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -35,7 +41,168 @@ def _provenance_line(prov: dict[str, Any]) -> str:
           f"seeds {prov.get('seeds')}; command: `{prov.get('command')}`_")
 
 
-def benefit_tables(name: str, res: dict[str, Any]) -> list[str]:
+class Column(NamedTuple):
+  """A column of the benefit table, shared by the terminal and REPORT.md.
+
+  Attributes:
+    header: the column's name in both tables.
+    width: its width in the terminal table.
+    cell: ``(summary row, cost row, sep) -> text`` (``sep`` joins mean and
+      std: ``"±"`` in the terminal, ``" ± "`` in markdown).
+    legend: what the column means (printed under each table).
+    dash: what ``-`` means in this column.
+    key: the summary field the column needs; a column whose field no method
+      of a table has is left out (files recorded before the field existed).
+  """
+  header: str
+  width: int
+  cell: Callable[[dict[str, Any], dict[str, Any], str], str]
+  legend: str
+  dash: str
+  key: Optional[str] = None
+
+
+def _pm(s: dict[str, Any], key: str, spec: str, sep: str = " ± ") -> str:
+  """``mean ± std`` of a summary column (``-`` when absent)."""
+  if s.get(key) is None:
+    return "-"
+  std = s.get(key + "_std")
+  return _fmt(s[key], spec) + ("" if std is None else
+                               sep + _fmt(std, spec.lstrip("+")))
+
+
+def _get(spec: str, key: str, where: str = "s"):
+  def cell(s, c, sep):
+    del sep
+    return _fmt((s if where == "s" else c).get(key), spec)
+  return cell
+
+
+def _mean_std(spec: str, key: str):
+  return lambda s, c, sep: _pm(s, key, spec, sep)
+
+
+_NOT_RECORDED = "not recorded (a file from before the field)"
+_NO_SGD = "not applicable (no SGD run on the same seed)"
+
+BENEFIT_COLUMNS: tuple[Column, ...] = (
+    Column("FLOPs/SGD", 10, _get(".2f", "flops_ratio", "c"),
+           "compiled FLOPs per training step / SGD's (a method that ran "
+           "several static programs: amortized over them, listed below the "
+           "table)", "not measured (no cost row)"),
+    Column("time/SGD", 9, _get(".2f", "time_ratio", "c"),
+           "median wall time per step / SGD's, interleaved with SGD in one "
+           "process after training (amortized likewise; see the timing "
+           "note)", "not measured (no cost row)"),
+    Column("acc", 15, _mean_std(".4f", "test_acc"),
+           "final test accuracy, mean ± std over seeds", _NOT_RECORDED,
+           "test_acc"),
+    Column("Δ vs SGD", 16, _mean_std("+.4f", "acc_minus_sgd"),
+           "acc − SGD's acc on the same seed (paired), mean ± std", _NO_SGD),
+    Column("peak acc", 15, _mean_std(".4f", "peak_test_acc"),
+           "best test accuracy over the epochs, mean ± std", _NOT_RECORDED,
+           "peak_test_acc"),
+    Column("Δ peak", 16, _mean_std("+.4f", "peak_test_acc_minus_sgd"),
+           "peak acc − SGD's on the same seed (paired)", _NOT_RECORDED,
+           "peak_test_acc_minus_sgd"),
+    Column("NLL", 8, _get(".4f", "test_nll"),
+           "final test negative log-likelihood (nats), mean", _NOT_RECORDED,
+           "test_nll"),
+    Column("Δ NLL", 16, _mean_std("+.4f", "test_nll_minus_sgd"),
+           "NLL − SGD's on the same seed (paired; lower is better)",
+           _NOT_RECORDED, "test_nll_minus_sgd"),
+    Column("ECE", 8, _get(".4f", "test_ece"),
+           "final test expected calibration error, mean", _NOT_RECORDED,
+           "test_ece"),
+    Column("Δ ECE", 16, _mean_std("+.4f", "test_ece_minus_sgd"),
+           "ECE − SGD's on the same seed (paired; lower is better)",
+           _NOT_RECORDED, "test_ece_minus_sgd"),
+    Column("train time/SGD", 15, _get(".2f", "train_time_ratio"),
+           "training wall time / SGD's on the same seed (first step, which "
+           "compiles, and evaluations excluded), mean", _NO_SGD),
+    Column("acc@SGD time", 13, _get(".4f", "acc_at_sgd_budget"),
+           "test acc after the last epoch that ended within SGD's mean "
+           "training time", "no epoch ended within SGD's training time"),
+    Column("|grad|", 8, _get(".3f", "grad_norm"),
+           "whole-model gradient norm on 1024 training examples after "
+           "training, mean", _NOT_RECORDED, "grad_norm"),
+    Column("λmax", 8, _get(".2f", "hessian_top_eig"),
+           "top Hessian eigenvalue on those examples (power iteration), "
+           "mean", _NOT_RECORDED, "hessian_top_eig"),
+)
+
+TIMING_NOTE = (
+    "Timing noise: FLOPs/SGD is deterministic, wall times are not. "
+    "time/SGD is taken after training, each method's step (one fixed batch) "
+    "interleaved with SGD's round by round in one process, as the median "
+    "over the rounds of the mean step time in a round, divided by SGD's "
+    "median; train time/SGD comes from the training runs themselves. On a "
+    "shared CPU both move between runs of the same code, so compare methods "
+    "within one table and read differences of ~0.1-0.2x as noise.")
+
+
+def columns_for(summary: dict[str, Any]) -> list[Column]:
+  """The columns of a table: those whose field some method recorded."""
+  return [col for col in BENEFIT_COLUMNS
+          if col.key is None or any(s.get(col.key) is not None
+                                    for s in summary.values())]
+
+
+def legend(cols: Sequence[Column], dashes: Sequence[str] = (),
+           markdown: bool = True) -> list[str]:
+  """What each column means, and ``-`` in the columns ``dashes`` names."""
+  dash = [c for c in cols if c.header in dashes]
+  if markdown:
+    md = lambda h: h.replace("|", "\\|")
+    return ["Columns: " + "; ".join(
+        f"*{md(c.header)}*: {c.legend}" for c in cols) + "." + (
+            " `-` in " + "; in ".join(f"*{md(c.header)}*: {c.dash}"
+                                      for c in dash) + "." if dash else "")]
+  return ([f"  {c.header}: {c.legend}" for c in cols] +
+          [f"  '-' in {c.header}: {c.dash}" for c in dash])
+
+
+def _rows(cols, cost, summary, sep):
+  """Cells per method, and the headers of the columns with a ``-``."""
+  rows, dashes = {}, set()
+  for m, s in summary.items():
+    rows[m] = [col.cell(s, cost.get(m, {}), sep) for col in cols]
+    dashes.update(c.header for c, v in zip(cols, rows[m]) if v == "-")
+  return rows, dashes
+
+
+def terminal_table(task: str, cost: dict[str, Any], summary: dict[str, Any],
+                   with_legend: bool = True) -> str:
+  """The benefit table as ``benchmarks.run`` prints it (REPORT.md's
+  columns)."""
+  cols = columns_for(summary)
+  rows, dashes = _rows(cols, cost, summary, "±")
+  width = max([15] + [len(m) + 1 for m in summary])
+  widths = [max(c.width, len(c.header) + 1) for c in cols]
+  lines = [f"\n{task}", f"{'method':<{width}}" + "".join(
+      f"{c.header:>{w}}" for c, w in zip(cols, widths))]
+  for m, cells in rows.items():
+    lines.append(f"{m:<{width}}" + "".join(
+        f"{v:>{w}}" for v, w in zip(cells, widths)))
+  lines += [l for l in _program_lines(cost, list(summary)) if l]
+  if with_legend:
+    lines += legend(cols, dashes, markdown=False)
+  return "\n".join(lines)
+
+
+def benefit_tables(name: str, res: dict[str, Any],
+                   images: Optional[dict[str, list[str]]] = None
+                   ) -> list[str]:
+  """REPORT.md's section of a ``benchmarks.run`` results file.
+
+  Args:
+    name: the file's name without ``.json``.
+    res: its contents.
+    images: per task, the image links to embed under its table.
+
+  Returns:
+    Markdown lines.
+  """
   out = [f"### `{name}.json` (preset `{res.get('preset')}`)", "",
          _provenance_line(res["provenance"]), ""]
   if "cost_provenance" in res:
@@ -43,27 +210,21 @@ def benefit_tables(name: str, res: dict[str, Any]) -> list[str]:
             + _provenance_line(res["cost_provenance"]), ""]
   for task, r in res["results"].items():
     t = r["task"]
+    summary, cost = r["summary"], r.get("cost", {})
+    cols = columns_for(summary)
     out += [f"**{task}**: {t.get('epochs')} epochs, batch {t.get('batch')}, "
             f"SGD momentum 0.9, lr {t.get('lr')} cosine, weight decay "
             f"{t.get('weight_decay')}; mean ± std over seeds.", "",
-            "| method | FLOPs/SGD | step time/SGD | test acc | Δ acc vs SGD "
-            "(paired) | train time/SGD | acc at SGD's time | grad norm | "
-            "top Hessian eig |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    for m, s in r["summary"].items():
-      c = r["cost"].get(m, {})
-      out.append(
-          f"| {m} | {_fmt(c.get('flops_ratio'), '.2f')} | "
-          f"{_fmt(c.get('time_ratio'), '.2f')} | "
-          f"{_fmt(s['test_acc'], '.4f')} ± {_fmt(s['test_acc_std'], '.4f')} | "
-          f"{_fmt(s.get('acc_minus_sgd'), '+.4f')} ± "
-          f"{_fmt(s.get('acc_minus_sgd_std'), '.4f')} | "
-          f"{_fmt(s.get('train_time_ratio'), '.2f')} | "
-          f"{_fmt(s.get('acc_at_sgd_budget'), '.4f')} | "
-          f"{_fmt(s['grad_norm'], '.3f')} | "
-          f"{_fmt(s['hessian_top_eig'], '.2f')} |")
-    out.append("")
-    out += _program_lines(r["cost"], list(r["summary"]))
+            "| method | " + " | ".join(c.header.replace("|", "\\|")
+                                        for c in cols) + " |",
+            "|---" * (len(cols) + 1) + "|"]
+    rows, dashes = _rows(cols, cost, summary, " ± ")
+    for m, cells in rows.items():
+      out.append(f"| {m} | " + " | ".join(cells) + " |")
+    out += [""] + legend(cols, dashes) + [""]
+    out += _program_lines(cost, list(summary))
+    for link in (images or {}).get(task, []):
+      out += [f"![{name} {task}]({link})", ""]
   return out
 
 
@@ -164,15 +325,6 @@ def selection_tables(name: str, res: dict[str, Any]) -> list[str]:
             f"{c['switch_compile_s']:.1f} s; specialize: "
             f"{c['specialize_compilations']} programs.", ""]
   return out
-
-
-def _pm(s: dict[str, Any], key: str, spec: str) -> str:
-  """``mean ± std`` of a summary column (``-`` when absent)."""
-  if s.get(key) is None:
-    return "-"
-  std = s.get(key + "_std")
-  return _fmt(s[key], spec) + ("" if std is None else
-                               " ± " + _fmt(std, spec.lstrip("+")))
 
 
 def _kib(s: dict[str, Any], key: str) -> str:
@@ -306,14 +458,27 @@ def finetune_vision_tables(name: str, res: dict[str, Any]) -> list[str]:
   return out + [""] + _cost_table(res)
 
 
-def plot_benefit(name: str, res: dict[str, Any]) -> list[str]:
+def _pyplot():
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   except ImportError:
-    return []
-  paths = []
+    return None
+  return plt
+
+
+def plot_benefit(name: str, res: dict[str, Any], out_dir: str
+                 ) -> dict[str, str]:
+  """Per task: test accuracy against training wall time, FLOPs bars.
+
+  Returns:
+    ``{task: path}`` of the PNGs written to ``out_dir``.
+  """
+  plt = _pyplot()
+  if plt is None:
+    return {}
+  paths = {}
   for task, r in res["results"].items():
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.6))
     for m in r["summary"]:
@@ -328,33 +493,227 @@ def plot_benefit(name: str, res: dict[str, Any]) -> list[str]:
     ax1.set_ylabel("test accuracy")
     ax1.set_title(task)
     ax1.legend(fontsize=8)
-    names = [m for m in r["summary"] if m in r["cost"]]
-    ax2.bar(names, [r["cost"][m].get("flops_ratio", 0) for m in names])
+    cost = r.get("cost", {})
+    names = [m for m in r["summary"] if "flops_ratio" in cost.get(m, {})]
+    ax2.bar(names, [cost[m]["flops_ratio"] for m in names])
     ax2.axhline(1.0, color="k", lw=0.8)
     ax2.set_ylabel("compiled FLOPs per step / SGD")
     ax2.tick_params(axis="x", rotation=30, labelsize=8)
     fig.tight_layout()
-    path = os.path.join(RESULTS, f"{name}_{task}.png")
+    path = os.path.join(out_dir, f"{name}_{task}.png")
     fig.savefig(path, dpi=80)
     plt.close(fig)
-    paths.append(path)
+    paths[task] = path
   return paths
 
 
-def build(results_dir: str = RESULTS) -> tuple[str, list[str]]:
-  md, images = ["## Results (generated by `python -m benchmarks.report`)", ""], []
+# The acceptance band of issue 13: at most this wall time per step relative
+# to SGD, and at least this fraction of SAM's paired gain.
+BAND_TIME, BAND_GAIN = 1.25, 0.8
+
+
+def pareto_points(cost: dict[str, Any], summary: dict[str, Any],
+                  key: str = "acc_minus_sgd"
+                  ) -> tuple[dict[str, tuple[float, float, float]],
+                             list[str]]:
+  """``{method: (time/SGD, gain, gain std)}`` and the methods left out.
+
+  x is ``cost[method]["time_ratio"]`` (the amortized row for a method that
+  ran several programs); y the paired gain over SGD ``summary[method][key]``
+  with its std over seeds. A method lacking either is left out (named in
+  the second result).
+  """
+  points, missing = {}, []
+  for m, s in summary.items():
+    x = cost.get(m, {}).get("time_ratio")
+    y = s.get(key)
+    if x is None or y is None:
+      missing.append(m)
+      continue
+    points[m] = (float(x), float(y), float(s.get(key + "_std") or 0.0))
+  return points, missing
+
+
+def _pareto_axes(ax, points, missing, what: str) -> None:
+  """One Pareto panel: gain over SGD (percentage points) vs time/SGD."""
+  colors = {"sgd": "black", "sam": "tab:red"}
+  cycle = [c for c in ("tab:blue", "tab:orange", "tab:green", "tab:purple",
+                       "tab:brown", "tab:pink", "tab:olive", "tab:cyan",
+                       "tab:gray")]
+  sam = points.get("sam")
+  xs = [p[0] for p in points.values()] + [1.0, BAND_TIME]
+  ys = [100 * p[1] for p in points.values()] + [0.0]
+  if sam is not None:
+    target = 100 * BAND_GAIN * sam[1]
+    ys.append(target)
+    if sam[1] > 0:
+      ax.fill_between([min(xs) - 1, BAND_TIME], target, max(ys) + 100,
+                      color="tab:green", alpha=0.08, lw=0,
+                      label="acceptance band")
+    ax.axhline(target, color="tab:red", ls=":", lw=1.2,
+               label=f"{BAND_GAIN:.0%} of SAM's gain ({target:+.2f} pp)")
+  ax.axvline(BAND_TIME, color="tab:green", ls="--", lw=1.2,
+             label=f"{BAND_TIME}x SGD time")
+  ax.axhline(0.0, color="0.6", lw=0.8)
+  pad_x = 0.05 * (max(xs) - min(xs) or 1.0)
+  span = (max(ys) - min(ys)) or 1.0
+  errs = [100 * p[2] for p in points.values()] or [0.0]
+  xlim = (min(xs) - pad_x, max(xs) + 4 * pad_x)
+  ylim = (min(ys) - max(errs) - 0.08 * span,
+          max(ys) + max(errs) + 0.12 * span)
+  ax.set_xlim(*xlim)
+  ax.set_ylim(*ylim)
+  # Labels in axes fractions, each moved to the first of a few offsets
+  # that keeps it clear of those placed before (nearby points overlap).
+  norm = lambda x, y: ((x - xlim[0]) / (xlim[1] - xlim[0]),
+                       (y - ylim[0]) / (ylim[1] - ylim[0]))
+  placed = []
+  offsets = [(5, 4, "left"), (5, -11, "left"), (-5, 4, "right"),
+             (-5, -11, "right"), (5, 14, "left"), (5, -21, "left")]
+  i = 0
+  for m, (x, y, e) in points.items():  # the summary's order, in the legend
+    if m not in colors:
+      colors[m] = cycle[i % len(cycle)]
+      i += 1
+    ax.errorbar([x], [100 * y], yerr=[100 * e], fmt="o", ms=6, capsize=3,
+                color=colors[m], label=m, zorder=3)
+  for m, (x, y, e) in sorted(points.items(), key=lambda kv: kv[1][0]):
+    px, py = norm(x, 100 * y)
+    for dx, dy, ha in offsets:
+      # Offsets in points to axes fractions (a ~6.4x4.8 inch panel).
+      lx, ly = px + 0.0022 * dx, py + 0.004 * dy
+      w = 0.012 * len(m) * (1 if ha == "left" else -1)
+      if all(abs(ly - qy) > 0.05 or
+             max(lx, lx + w) < min(qx, qx + qw) or
+             min(lx, lx + w) > max(qx, qx + qw)
+             for qx, qy, qw in placed):
+        break
+    placed.append((lx, ly, w))
+    ax.annotate(m, (x, 100 * y), textcoords="offset points", xytext=(dx, dy),
+                ha=ha, fontsize=8, color=colors[m],
+                fontweight="bold" if m in ("sgd", "sam") else "normal")
+  ax.set_xlabel("wall time per step / SGD (interleaved medians; "
+                "amortized over programs)", fontsize=9)
+  ax.set_ylabel(f"{what} − SGD's, paired over seeds\n"
+                "(percentage points, mean ± std)", fontsize=9)
+  ax.grid(alpha=0.3)
+  notes = []
+  if sam is None:
+    notes.append("no SAM in this run: no 80%-of-SAM line")
+  elif sam[1] <= 0:
+    notes.append("SAM gains nothing over SGD here: no acceptance band")
+  if missing:
+    notes.append("not plotted (no time or gain): " + ", ".join(missing))
+  if notes:
+    ax.text(0.01, 0.01, "\n".join(notes), transform=ax.transAxes,
+            fontsize=7, color="0.35", va="bottom")
+
+
+def plot_pareto(name: str, res: dict[str, Any], out_dir: str
+                ) -> dict[str, str]:
+  """Per task: each method's paired accuracy gain over SGD against its
+  wall time per step relative to SGD, with the acceptance band (at most
+  1.25x SGD's time, at least 80% of SAM's gain). All points of a chart come
+  from one results file (one run); a second panel shows the peak-accuracy
+  gain when the file has it.
+
+  Returns:
+    ``{task: path}`` of ``<name>_<task>_pareto.png`` written to ``out_dir``.
+  """
+  plt = _pyplot()
+  if plt is None:
+    return {}
+  paths = {}
+  prov = res.get("provenance", {})
+  commit = str(prov.get("git_commit"))[:12]
+  for task, r in res["results"].items():
+    cost, summary = r.get("cost", {}), r["summary"]
+    panels = [("acc_minus_sgd", "final test acc")]
+    if any(s.get("peak_test_acc_minus_sgd") is not None
+           for s in summary.values()):
+      panels.append(("peak_test_acc_minus_sgd", "peak test acc"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.8),
+                             squeeze=False)
+    for ax, (key, what) in zip(axes[0], panels):
+      points, missing = pareto_points(cost, summary, key)
+      _pareto_axes(ax, points, missing, what)
+      ax.set_title(what, fontsize=9)
+    seeds = prov.get("seeds")
+    hp = "; ".join(f"{m}: " + ", ".join(f"{k}={v}" for k, v in kw.items())
+                   for m, kw in (res.get("hparams") or {}).items() if kw)
+    fig.suptitle(f"{name}.json: {task}\none run: {prov.get('date', '?')}, "
+                 f"commit {commit}, seeds {seeds}"
+                 + (f"; {hp}" if hp else ""), fontsize=10)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
+               fontsize=8, frameon=False)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"{name}_{task}_pareto.png")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    paths[task] = path
+  return paths
+
+
+def _sam_time_range(results: dict[str, dict[str, Any]]) -> Optional[str]:
+  """SAM's time/SGD over the benefit files: the noise the note quotes."""
+  ratios = sorted(
+      (r.get("cost", {}).get("sam", {}).get("time_ratio"), f"{n}/{t}")
+      for n, res in results.items() for t, r in res["results"].items()
+      if r.get("cost", {}).get("sam", {}).get("time_ratio") is not None)
+  if len(ratios) < 2:
+    return None
+  (lo, a), (hi, b) = ratios[0], ratios[-1]
+  return (f"SAM's time/SGD, the same two passes every step, ranges from "
+          f"{lo:.2f}x (`{a}`) to {hi:.2f}x (`{b}`) over the {len(ratios)} "
+          "tables below.")
+
+
+def build(results_dir: str = RESULTS, *, include_tiny: bool = False,
+          title: str = "## Results (generated by `python -m "
+          "benchmarks.report`)") -> tuple[str, list[str]]:
+  """REPORT.md's text and the PNGs drawn next to the JSON files.
+
+  Args:
+    results_dir: the folder of ``*.json`` results; the PNGs are written
+      there and linked relative to it.
+    include_tiny: also report ``tiny`` preset files (a run folder's own
+      report; the recorded report skips them, their numbers mean nothing).
+    title: the first line.
+
+  Returns:
+    The markdown and the paths of the images written.
+  """
+  md, images = [title, ""], []
+  files = {}
   for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
     name = os.path.splitext(os.path.basename(path))[0]
     with open(path) as f:
-      res = json.load(f)
-    if res.get("preset") == "tiny":
+      files[name] = json.load(f)
+  benefit = {n: r for n, r in files.items() if "preset" in r and (
+      include_tiny or r.get("preset") != "tiny")}
+  if benefit:
+    sam_range = _sam_time_range(benefit)
+    md += [TIMING_NOTE + ("" if sam_range is None else " " + sam_range), "",
+           "Pareto charts (`*_pareto.png`): x = time/SGD, y = Δ vs SGD with "
+           "its std over seeds as error bars; dashed: "
+           f"{BAND_TIME}x SGD's time, dotted: {BAND_GAIN:.0%} of SAM's gain "
+           "in the same run (the acceptance band of issue 13, shaded when "
+           "SAM gains). Each chart holds one results file, i.e. one run.", ""]
+  for name, res in files.items():
+    if res.get("preset") == "tiny" and name not in benefit:
       continue  # proves the harness; never quoted
     if "preset" in res:
-      md += benefit_tables(name, res)
-      for p in plot_benefit(name, res):
-        rel = os.path.relpath(p, os.path.dirname(README))
-        md += [f"![{name}]({rel})", ""]
-        images.append(p)
+      pareto = plot_pareto(name, res, results_dir)
+      curves = plot_benefit(name, res, results_dir)
+      links = {}
+      for task in res["results"]:
+        for p in (pareto.get(task), curves.get(task)):
+          if p is not None:
+            links.setdefault(task, []).append(
+                os.path.relpath(p, results_dir))
+            images.append(p)
+      md += benefit_tables(name, res, links)
     elif res.get("kind") == "finetune_vision":
       md += finetune_vision_tables(name, res)
     elif "pretrain" in res:
@@ -369,25 +728,51 @@ def build(results_dir: str = RESULTS) -> tuple[str, list[str]]:
   return "\n".join(md), images
 
 
+_IMAGE = re.compile(r"(!\[[^\]]*\]\()([^)]+\))")
+
+
+def write_report(results_dir: str = RESULTS, *, readme: Optional[str] = None,
+                 include_tiny: bool = False, title: Optional[str] = None
+                 ) -> tuple[str, list[str]]:
+  """Writes ``results_dir/REPORT.md`` (and its PNGs); optionally replaces
+  README's generated block with the same text, image links made relative
+  to README.
+
+  Returns:
+    The path of REPORT.md and the images.
+  """
+  kw = {} if title is None else {"title": title}
+  text, images = build(results_dir, include_tiny=include_tiny, **kw)
+  path = os.path.join(results_dir, "REPORT.md")
+  with open(path, "w") as f:
+    f.write(text + "\n")
+  if readme is not None and os.path.exists(readme):
+    rel = os.path.relpath(results_dir, os.path.dirname(readme))
+    linked = _IMAGE.sub(lambda m: m.group(1) + rel + "/" + m.group(2), text)
+    with open(readme) as f:
+      old = f.read()
+    if START in old and END in old:
+      head, rest = old.split(START, 1)
+      _, tail = rest.split(END, 1)
+      with open(readme, "w") as f:
+        f.write(head + START + "\n" + linked + "\n" + END + tail)
+  return path, images
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--no-readme", action="store_true")
+  parser.add_argument("--no-readme", action="store_true",
+                      help="leave README.md's generated block as it is")
+  parser.add_argument("--results-dir", default=RESULTS,
+                      help="folder of results JSON (a run folder too)")
   args = parser.parse_args(argv)
-  text, images = build()
-  with open(os.path.join(RESULTS, "REPORT.md"), "w") as f:
-    # REPORT.md sits beside the images; README links them from the top.
-    f.write(text.replace("](benchmarks/results/", "](") + "\n")
-  if not args.no_readme and os.path.exists(README):
-    with open(README) as f:
-      readme = f.read()
-    if START in readme and END in readme:
-      head, rest = readme.split(START, 1)
-      _, tail = rest.split(END, 1)
-      with open(README, "w") as f:
-        f.write(head + START + "\n" + text + "\n" + END + tail)
-  print(text)
-  print(f"\nwrote {os.path.join(RESULTS, 'REPORT.md')} and {len(images)} "
-        "plot(s)")
+  in_results = os.path.abspath(args.results_dir) == os.path.abspath(RESULTS)
+  path, images = write_report(
+      args.results_dir, include_tiny=not in_results,
+      readme=README if in_results and not args.no_readme else None)
+  with open(path) as f:
+    print(f.read())
+  print(f"wrote {path} and {len(images)} plot(s)")
 
 
 if __name__ == "__main__":
