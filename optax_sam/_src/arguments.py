@@ -152,3 +152,142 @@ def renamed(new_value: Any, old_value: Any, new: str, old: str,
                 stacklevel=3)
   return old_value
 
+
+
+def _extra_top_key(longer: list[tuple[Any, ...]],
+                   shorter: list[tuple[Any, ...]]) -> Optional[str]:
+  """The key of ``longer``'s extra top level when it is ``shorter`` nested
+  one level down (a mask built on Flax ``variables``), else None."""
+  if not longer or len(longer) != len(shorter):
+    return None
+  first = {p[0] for p in longer if p}
+  if len(first) == 1 and all(a[1:] == b for a, b in zip(longer, shorter)):
+    return jax.tree_util.keystr(longer[0][:1])
+  return None
+
+
+def structure_difference(tree: Any, params: Any, what: str) -> Optional[str]:
+  """Where ``tree`` and ``params`` first differ, or None if they match.
+
+  Names the first key path (in flattening order) at which one tree has a
+  leaf and the other does not, e.g. ``params has a leaf at
+  ['Dense_1']['bias'] that the mask lacks``, instead of printing both tree
+  definitions.
+
+  Args:
+    tree: the tree that should have the structure of ``params``.
+    params: the parameters.
+    what: how to call ``tree`` in the message (``"mask"``, ...).
+
+  Returns:
+    None when the structures are equal, else a sentence ending with a period.
+  """
+  a, b = jax.tree.structure(tree), jax.tree.structure(params)
+  if a == b:
+    return None
+  pa = [p for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
+  pb = [p for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+  keystr = jax.tree_util.keystr
+  top = _extra_top_key(pa, pb)
+  if top is not None:
+    return (f"{what} has an extra top level {top} that params lacks (was it "
+            f"built from the whole Flax variables? use variables{top}).")
+  top = _extra_top_key(pb, pa)
+  if top is not None:
+    return (f"params has an extra top level {top} that {what} lacks.")
+  sa, sb = set(pa), set(pb)
+  for x, y in zip(pa, pb):
+    if x != y:
+      if y not in sa:
+        return f"params has a leaf at {keystr(y)} that {what} lacks."
+      return f"{what} has a leaf at {keystr(x)} that params lacks."
+  if len(pa) != len(pb):
+    if len(pb) > len(pa):
+      return (f"params has a leaf at {keystr(pb[len(pa)])} that {what} "
+              "lacks.")
+    return f"{what} has a leaf at {keystr(pa[len(pb)])} that params lacks."
+  # Same key paths, different node types (a tuple for a list, a None for a
+  # dict, ...): name the first path whose container differs.
+  for x in pa:
+    for depth in range(len(x) + 1):
+      sub_a = _subtree(tree, x[:depth])
+      sub_b = _subtree(params, x[:depth])
+      if type(sub_a) is not type(sub_b):
+        return (f"at {keystr(x[:depth]) or 'the root'} {what} has a "
+                f"{type(sub_a).__name__} where params has a "
+                f"{type(sub_b).__name__}.")
+  return f"{what} has the tree structure {a} where params has {b}."
+
+
+def _subtree(tree: Any, path: tuple[Any, ...]) -> Any:
+  for k in path:
+    for attr in ("key", "idx", "name"):
+      if hasattr(k, attr):
+        k = getattr(k, attr)
+        break
+    tree = getattr(tree, k) if isinstance(k, str) and not hasattr(
+        tree, "__getitem__") else tree[k]
+  return tree
+
+
+def check_same_structure(tree: Any, params: Any, what: str,
+                         hint: str = "") -> None:
+  """Raises a ``ValueError`` naming the first key path where ``tree`` and
+  ``params`` differ (see :func:`structure_difference`); ``hint`` is
+  appended to the message."""
+  difference = structure_difference(tree, params, what)
+  if difference is not None:
+    raise ValueError(f"{what} must have the same tree structure as params: "
+                     f"{difference}" + (f" {hint}" if hint else ""))
+
+
+# Flax NNX trees (duck-typed: the core does not import flax).
+FLAX_HINT = (
+    "optax_sam's core works on arrays: use optax_sam.nnx.grad_fn(model, "
+    "loss_fn, *batch) (C1) or optax_sam.nnx.make_update(loss_fn) (C2), or "
+    "strip the wrappers with nnx.as_pure(...).")
+
+
+def is_flax_variable(x: Any) -> bool:
+  """Whether ``x`` is a ``flax.nnx.Variable`` (``Param``, ``BatchStat``...)."""
+  t = type(x)
+  return (t.__module__.startswith("flax.")
+          and any(c.__name__ == "Variable" for c in t.__mro__))
+
+
+def holds_flax_variables(tree: Any) -> bool:
+  """Whether any node of ``tree`` is a ``flax.nnx.Variable``."""
+  return any(is_flax_variable(x)
+             for x in jax.tree.leaves(tree, is_leaf=is_flax_variable))
+
+
+def unwrap_flax_variables(tree: Any) -> Any:
+  """``tree`` with each ``flax.nnx.Variable`` replaced by its array (what
+  ``nnx.as_pure`` does); ``tree`` itself when it holds none.
+
+  ``nnx.Optimizer`` calls ``tx.init`` on ``Param``-wrapped state but
+  ``tx.update`` on pure state: unwrapping in ``init`` makes both see the
+  same tree (the same layer groups).
+  """
+  if not holds_flax_variables(tree):
+    return tree
+
+  def unwrap(x):
+    if not is_flax_variable(x):
+      return x
+    raw = getattr(x, "get_raw_value", None)
+    return raw() if callable(raw) else x.value
+
+  return jax.tree.map(unwrap, tree, is_leaf=is_flax_variable)
+
+
+def flax_variables_difference(tree: Any, params: Any,
+                              what: str) -> Optional[str]:
+  """A short message when one of ``tree`` and ``params`` holds
+  ``flax.nnx.Variable`` wrappers and the other does not, else None."""
+  a, b = holds_flax_variables(tree), holds_flax_variables(params)
+  if a == b:
+    return None
+  wrapped, plain = (what, "params") if a else ("params", what)
+  return (f"{wrapped} holds flax.nnx Variables (Param, ...) where {plain} "
+          f"holds arrays. {FLAX_HINT}")
