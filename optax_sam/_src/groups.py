@@ -27,6 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from optax_sam._src import arguments
+
 PyTree = Any
 KeyPath = tuple[Any, ...]
 Labels = Union[None, PyTree, Callable[[tuple[str, ...]], str]]
@@ -118,18 +120,19 @@ class LayerGroups(NamedTuple):
     return out
 
 
+_MASK_HINT = ("Build masks from the params passed to tx.init, e.g. "
+              "optax_sam.layer_groups(params).mask(['Dense_1']).")
+
+
 def _resolve_labels(params: PyTree, labels: Labels) -> PyTree:
   """Returns a pytree of strings shaped like ``params``."""
   if labels is None or callable(labels):
     fn = default_label if labels is None else labels
     return jax.tree_util.tree_map_with_path(
         lambda p, _: str(fn(path_names(p))), params)
-  treedef = jax.tree.structure(params)
-  label_def = jax.tree.structure(labels)
-  if label_def != treedef:
-    raise ValueError(
-        "labels must have the same tree structure as params; got "
-        f"{label_def} for params {treedef}.")
+  arguments.check_same_structure(
+      labels, params, "labels",
+      "Pass labels shaped like params, or a function of the key path.")
   return jax.tree.map(str, labels)
 
 
@@ -196,8 +199,14 @@ def mask_from_names(groups: LayerGroups,
     elif s in groups.names:
       chosen.add(s)
     else:
+      near = [n for n in groups.names if n.endswith(f"/{s}")]
+      hint = f" (did you mean {near[0]!r}?)" if near else ""
+      if near and near[0].startswith("params/"):
+        hint = (f" (did you mean {near[0]!r}? groups built on the whole "
+                "Flax variables carry its 'params/' level: build them on "
+                "variables['params'])")
       raise ValueError(f"unknown layer group {s!r}; groups are "
-                       f"{list(groups.names)}.")
+                       f"{list(groups.names)}{hint}.")
   if not chosen:
     raise ValueError("the selection is empty: select at least one layer.")
   return jax.tree.map(lambda lab: lab in chosen, groups.labels)
@@ -215,11 +224,7 @@ def resolve_mask(mask: MaskOrFn, params: PyTree, *,
     return jax.tree.unflatten(treedef, [True] * treedef.num_leaves)
   if callable(mask):
     mask = mask(params)
-  mask_def = jax.tree.structure(mask)
-  if mask_def != treedef:
-    raise ValueError(
-        f"{what} must have the same tree structure as params; got {mask_def} "
-        f"for params {treedef}.")
+  arguments.check_same_structure(mask, params, what, _MASK_HINT)
   leaves = []
   for m in jax.tree.leaves(mask):
     if isinstance(m, jax.core.Tracer):

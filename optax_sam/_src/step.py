@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_sam._src import arguments
 from optax_sam._src import conv as conv_lib
 from optax_sam._src import gating as gating_lib
 
@@ -41,12 +42,19 @@ PyTree = Any
 Mask = PyTree  # pytree of Python bools shaped like params, or None for all.
 
 
-def _check_same_structure(tree: PyTree, params: PyTree, what: str) -> None:
-  a, b = jax.tree.structure(tree), jax.tree.structure(params)
-  if a != b:
-    raise ValueError(
-        f"{what} must have the same tree structure as params; got {a} for "
-        f"params {b}.")
+_GRADS_HINT = ("Pass gradients with respect to the params given to "
+               "tx.update (e.g. jax.grad(loss_fn)(params, ...)).")
+
+
+def _check_same_structure(tree: PyTree, params: PyTree, what: str,
+                          hint: str = _GRADS_HINT) -> None:
+  if jax.tree.structure(tree) != jax.tree.structure(params):
+    flax = arguments.flax_variables_difference(tree, params, what)
+    if flax is not None:  # flax.nnx Param wrappers on one side only
+      raise ValueError(flax)
+  arguments.check_same_structure(tree, params, what, hint)
+
+
 
 
 def _flags(wrt: Optional[Mask], params: PyTree) -> list[bool]:
@@ -231,7 +239,7 @@ class LossOracle(GradientOracle):
                and self.branch_loss_fn is not None else self.loss_fn)
     if gates is not None:
       # The products gated by leaf (their convolutions in forward form).
-      _check_same_structure(gates, params, "gates")
+      _check_same_structure(gates, params, "gates", hint="")
       loss_fn = gating_lib.gated(self.loss_fn, gates)
 
     def partial_loss(selected):
@@ -282,7 +290,22 @@ def as_oracle(updates: Optional[PyTree],
 _NOT_DRIVEN = (
     "tx did not run the loss-driven gradient passes: make_update needs a "
     "transformation from optax_sam; wrap a plain optax optimizer with "
-    "optax_sam.plain(optimizer).")
+    "optax_sam.plain(optimizer), and use optax_sam.sam(optimizer, rho) in "
+    "place of optax.contrib.sam.")
+
+
+def _holds_optax_sam_state(opt_state: Any) -> bool:
+  """Whether any node of ``opt_state`` is a state class of ``optax_sam``
+  (also inside ``inject_hyperparams``, ``chain`` and other wrappers)."""
+  found = []
+
+  def visit(node):
+    if type(node).__module__.startswith("optax_sam."):
+      found.append(node)
+    return bool(found)
+
+  jax.tree_util.tree_flatten(opt_state, is_leaf=visit)
+  return bool(found)
 
 
 _APPLY_IF_FINITE = (
@@ -362,12 +385,13 @@ def make_update(
     try:
       updates, opt_state = tx.update(None, opt_state, params, grad_fn=oracle,
                                      **extra_args)
-    except (TypeError, AttributeError) as e:
-      # Only a transformation that never asked for a pass (a plain optax
-      # optimizer choking on updates=None) gets the hint; an error raised
-      # inside a pass (a bug in loss_fn, a non-scalar loss, a has_aux
-      # mismatch, integer leaves) is the user's to see as it is.
-      if not oracle.requested:
+    except (TypeError, AttributeError, ValueError) as e:
+      # Only a transformation that never asked for a pass and is not from
+      # optax_sam (a plain optax optimizer or optax.contrib.sam choking on
+      # updates=None) gets the hint; an error raised inside a pass (a bug in
+      # loss_fn, a non-scalar loss, a has_aux mismatch, integer leaves) or
+      # by a method's own checks is the user's to see as it is.
+      if not oracle.requested and not _holds_optax_sam_state(opt_state):
         raise TypeError(_NOT_DRIVEN) from e
       raise
     if oracle.value is None:
