@@ -104,3 +104,36 @@ def test_readme_links_exist():
   text = _readme()
   for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
     assert os.path.exists(os.path.join(ROOT, target)), target
+
+
+def test_every_method_has_a_docs_page():
+  optax_sam = pytest.importorskip("optax_sam")
+  import inspect  # pylint: disable=g-import-not-at-top
+  pages = os.path.join(ROOT, "docs", "api", "methods")
+  documented = {f[:-3] for f in os.listdir(pages)
+                if f.endswith(".md") and not f.startswith("_")}
+  functions = {name: getattr(optax_sam, name) for name in optax_sam.__all__}
+  missing = []
+  for name, fn in functions.items():
+    if not inspect.isfunction(fn) or name == "sharpness_aware":
+      continue
+    params = list(inspect.signature(fn).parameters)
+    if not params or params[0] != "optimizer":
+      continue  # not a method factory
+    aliases = {n for n, f in functions.items() if f is fn}
+    if not aliases & documented:
+      missing.append(name)
+  assert not missing, (f"no docs/api/methods/<name>.md for {missing}: copy "
+                       "docs/api/methods/_template.md")
+
+
+def test_docs_method_pages_quote_the_readme_figures():
+  rows = _table_rows(_readme(), "| method | what it does |")
+  for method in _SOURCES:
+    if method == "plain":
+      continue
+    with open(os.path.join(ROOT, "docs", "api", "methods", f"{method}.md"),
+              encoding="utf-8") as f:
+      page = " ".join(f.read().split())
+    assert f"FLOPs / SGD step {rows[method][2]}" in page, method
+    assert f"Δ test acc vs SGD {rows[method][3]}" in page, method
