@@ -74,11 +74,38 @@ def record_start() -> None:
       timespec="seconds")
 
 
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                           "results")
+RUNS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "runs")
+
+
+def new_run_dir(name: str, root: str | None = None) -> str:
+  """Creates and returns ``<root>/<UTC timestamp>-<name>/`` for an ad-hoc
+  run's results (``root`` defaults to the git-ignored ``benchmarks/runs``;
+  only ``--record`` writes into ``benchmarks/results``). The timestamp is
+  the run's start (``record_start``), else now; a clash gets a suffix."""
+  root = root or RUNS_DIR
+  started = _START.get("started")
+  when = (datetime.datetime.fromisoformat(started) if started else
+          datetime.datetime.now(datetime.timezone.utc))
+  base = os.path.join(root, when.strftime("%Y%m%dT%H%M%SZ") + "-" + name)
+  path, i = base, 1
+  while True:
+    try:
+      os.makedirs(path)
+      return path
+    except FileExistsError:
+      i += 1
+      path = f"{base}-{i}"
+
+
 def write_result(name: str, payload: dict[str, Any],
                  seeds: Any = None, results_dir: str | None = None) -> str:
-  """Writes ``benchmarks/results/<name>.json`` with provenance; returns path."""
-  results_dir = results_dir or os.path.join(os.path.dirname(__file__),
-                                            "results")
+  """Writes ``<results_dir>/<name>.json`` with provenance; returns its path.
+
+  ``results_dir`` defaults to ``benchmarks/results`` (the record).
+  """
+  results_dir = results_dir or RESULTS_DIR
   os.makedirs(results_dir, exist_ok=True)
   path = os.path.join(results_dir, f"{name}.json")
   with open(path, "w") as f:

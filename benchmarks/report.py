@@ -53,6 +53,8 @@ class Column(NamedTuple):
     dash: what ``-`` means in this column.
     key: the summary field the column needs; a column whose field no method
       of a table has is left out (files recorded before the field existed).
+    group: the table it belongs to (0: cost and accuracy; 1: peak accuracy,
+      NLL and calibration, a second table to keep lines short).
   """
   header: str
   width: int
@@ -60,6 +62,7 @@ class Column(NamedTuple):
   legend: str
   dash: str
   key: Optional[str] = None
+  group: int = 0
 
 
 def _pm(s: dict[str, Any], key: str, spec: str, sep: str = " ± ") -> str:
@@ -101,22 +104,22 @@ BENEFIT_COLUMNS: tuple[Column, ...] = (
            "acc − SGD's acc on the same seed (paired), mean ± std", _NO_SGD),
     Column("peak acc", 15, _mean_std(".4f", "peak_test_acc"),
            "best test accuracy over the epochs, mean ± std", _NOT_RECORDED,
-           "peak_test_acc"),
+           "peak_test_acc", 1),
     Column("Δ peak", 16, _mean_std("+.4f", "peak_test_acc_minus_sgd"),
            "peak acc − SGD's on the same seed (paired)", _NOT_RECORDED,
-           "peak_test_acc_minus_sgd"),
+           "peak_test_acc_minus_sgd", 1),
     Column("NLL", 8, _get(".4f", "test_nll"),
            "final test negative log-likelihood (nats), mean", _NOT_RECORDED,
-           "test_nll"),
+           "test_nll", 1),
     Column("Δ NLL", 16, _mean_std("+.4f", "test_nll_minus_sgd"),
            "NLL − SGD's on the same seed (paired; lower is better)",
-           _NOT_RECORDED, "test_nll_minus_sgd"),
+           _NOT_RECORDED, "test_nll_minus_sgd", 1),
     Column("ECE", 8, _get(".4f", "test_ece"),
            "final test expected calibration error, mean", _NOT_RECORDED,
-           "test_ece"),
+           "test_ece", 1),
     Column("Δ ECE", 16, _mean_std("+.4f", "test_ece_minus_sgd"),
            "ECE − SGD's on the same seed (paired; lower is better)",
-           _NOT_RECORDED, "test_ece_minus_sgd"),
+           _NOT_RECORDED, "test_ece_minus_sgd", 1),
     Column("train time/SGD", 15, _get(".2f", "train_time_ratio"),
            "training wall time / SGD's on the same seed (first step, which "
            "compiles, and evaluations excluded), mean", _NO_SGD),
@@ -141,11 +144,14 @@ TIMING_NOTE = (
     "within one table and read differences of ~0.1-0.2x as noise.")
 
 
-def columns_for(summary: dict[str, Any]) -> list[Column]:
-  """The columns of a table: those whose field some method recorded."""
-  return [col for col in BENEFIT_COLUMNS
+def columns_for(summary: dict[str, Any]) -> list[list[Column]]:
+  """The tables' columns: those whose field some method recorded, by
+  group (a group with none is left out)."""
+  cols = [col for col in BENEFIT_COLUMNS
           if col.key is None or any(s.get(col.key) is not None
                                     for s in summary.values())]
+  groups = sorted({c.group for c in cols})
+  return [[c for c in cols if c.group == g] for g in groups]
 
 
 def legend(cols: Sequence[Column], dashes: Sequence[str] = (),
@@ -175,19 +181,22 @@ def terminal_table(task: str, cost: dict[str, Any], summary: dict[str, Any],
                    with_legend: bool = True) -> str:
   """The benefit table as ``benchmarks.run`` prints it (REPORT.md's
   columns)."""
-  cols = columns_for(summary)
-  rows, dashes = _rows(cols, cost, summary, "±")
+  lines = [f"\n{task}"]
   width = max([15] + [len(m) + 1 for m in summary])
-  widths = [max(c.width, len(c.header) + 1) for c in cols]
-  lines = [f"\n{task}", f"{'method':<{width}}" + "".join(
-      f"{c.header:>{w}}" for c, w in zip(cols, widths))]
-  for m, cells in rows.items():
-    lines.append(f"{m:<{width}}" + "".join(
-        f"{v:>{w}}" for v, w in zip(cells, widths)))
-  lines += [l for l in _program_lines(cost, list(summary)) if l]
-  if with_legend:
-    lines += legend(cols, dashes, markdown=False)
-  return "\n".join(lines)
+  for i, cols in enumerate(columns_for(summary)):
+    rows, dashes = _rows(cols, cost, summary, "±")
+    widths = [max(c.width, len(c.header) + 1) for c in cols]
+    lines.append(f"{'method':<{width}}" + "".join(
+        f"{c.header:>{w}}" for c, w in zip(cols, widths)))
+    for m, cells in rows.items():
+      lines.append(f"{m:<{width}}" + "".join(
+          f"{v:>{w}}" for v, w in zip(cells, widths)))
+    if i == 0:
+      lines += [l for l in _program_lines(cost, list(summary)) if l]
+    if with_legend:
+      lines += legend(cols, dashes, markdown=False)
+    lines.append("")
+  return "\n".join(lines[:-1])
 
 
 def benefit_tables(name: str, res: dict[str, Any],
@@ -211,18 +220,19 @@ def benefit_tables(name: str, res: dict[str, Any],
   for task, r in res["results"].items():
     t = r["task"]
     summary, cost = r["summary"], r.get("cost", {})
-    cols = columns_for(summary)
     out += [f"**{task}**: {t.get('epochs')} epochs, batch {t.get('batch')}, "
             f"SGD momentum 0.9, lr {t.get('lr')} cosine, weight decay "
-            f"{t.get('weight_decay')}; mean ± std over seeds.", "",
-            "| method | " + " | ".join(c.header.replace("|", "\\|")
-                                        for c in cols) + " |",
-            "|---" * (len(cols) + 1) + "|"]
-    rows, dashes = _rows(cols, cost, summary, " ± ")
-    for m, cells in rows.items():
-      out.append(f"| {m} | " + " | ".join(cells) + " |")
-    out += [""] + legend(cols, dashes) + [""]
-    out += _program_lines(cost, list(summary))
+            f"{t.get('weight_decay')}; mean ± std over seeds.", ""]
+    for i, cols in enumerate(columns_for(summary)):
+      out += ["| method | " + " | ".join(c.header.replace("|", "\\|")
+                                         for c in cols) + " |",
+              "|---" * (len(cols) + 1) + "|"]
+      rows, dashes = _rows(cols, cost, summary, " ± ")
+      for m, cells in rows.items():
+        out.append(f"| {m} | " + " | ".join(cells) + " |")
+      out += [""] + legend(cols, dashes) + [""]
+      if i == 0:
+        out += _program_lines(cost, list(summary))
     for link in (images or {}).get(task, []):
       out += [f"![{name} {task}]({link})", ""]
   return out
@@ -551,7 +561,7 @@ def _pareto_axes(ax, points, missing, what: str) -> None:
                       color="tab:green", alpha=0.08, lw=0,
                       label="acceptance band")
     ax.axhline(target, color="tab:red", ls=":", lw=1.2,
-               label=f"{BAND_GAIN:.0%} of SAM's gain ({target:+.2f} pp)")
+               label=f"{BAND_GAIN:.0%} of SAM's gain (same run)")
   ax.axvline(BAND_TIME, color="tab:green", ls="--", lw=1.2,
              label=f"{BAND_TIME}x SGD time")
   ax.axhline(0.0, color="0.6", lw=0.8)
@@ -600,13 +610,14 @@ def _pareto_axes(ax, points, missing, what: str) -> None:
   notes = []
   if sam is None:
     notes.append("no SAM in this run: no 80%-of-SAM line")
-  elif sam[1] <= 0:
-    notes.append("SAM gains nothing over SGD here: no acceptance band")
+  else:
+    notes.append(f"{BAND_GAIN:.0%} of SAM's gain: "
+                 f"{100 * BAND_GAIN * sam[1]:+.2f} pp" + (
+                     "" if sam[1] > 0 else
+                     " (SAM gains nothing: no acceptance band)"))
   if missing:
     notes.append("not plotted (no time or gain): " + ", ".join(missing))
-  if notes:
-    ax.text(0.01, 0.01, "\n".join(notes), transform=ax.transAxes,
-            fontsize=7, color="0.35", va="bottom")
+  ax.set_title("\n".join([what] + notes), fontsize=9)
 
 
 def plot_pareto(name: str, res: dict[str, Any], out_dir: str
@@ -637,13 +648,15 @@ def plot_pareto(name: str, res: dict[str, Any], out_dir: str
     for ax, (key, what) in zip(axes[0], panels):
       points, missing = pareto_points(cost, summary, key)
       _pareto_axes(ax, points, missing, what)
-      ax.set_title(what, fontsize=9)
     seeds = prov.get("seeds")
     hp = "; ".join(f"{m}: " + ", ".join(f"{k}={v}" for k, v in kw.items())
                    for m, kw in (res.get("hparams") or {}).items() if kw)
+    recost = res.get("cost_provenance", {}).get("date")
     fig.suptitle(f"{name}.json: {task}\none run: {prov.get('date', '?')}, "
                  f"commit {commit}, seeds {seeds}"
-                 + (f"; {hp}" if hp else ""), fontsize=10)
+                 + (f"; {hp}" if hp else "")
+                 + (f"\ntime/SGD re-measured from its runs on {recost}"
+                    if recost else ""), fontsize=10)
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
                fontsize=8, frameon=False)

@@ -1,6 +1,7 @@
 """The benchmark harness end to end on the ``tiny`` preset (numbers unused)."""
 
 import json
+import re
 
 import numpy as np
 import optax
@@ -15,9 +16,14 @@ from benchmarks import run  # noqa: E402  pylint: disable=g-import-not-at-top
 from benchmarks import train  # noqa: E402  pylint: disable=g-import-not-at-top
 
 
-def test_tiny_preset_end_to_end(tmp_path):
+def test_tiny_preset_end_to_end(tmp_path, monkeypatch, capsys):
+  # Without --record: a new run folder under benchmarks/runs (here a temp
+  # folder), never the committed benchmarks/results.
+  from benchmarks import provenance  # pylint: disable=g-import-not-at-top
+  monkeypatch.setattr(provenance, "RUNS_DIR", str(tmp_path / "runs"))
+  monkeypatch.setattr(provenance, "RESULTS_DIR", str(tmp_path / "results"))
   results = run.main(["--preset", "tiny", "--methods", "sgd,sam,lagnp",
-                      "--results-dir", str(tmp_path), "--no-progress"])
+                      "--no-bar"])
   (task,) = results.values()
   assert set(task["summary"]) == {"sgd", "sam", "lagnp"}
   assert task["cost"]["sgd"]["flops_ratio"] == 1.0
@@ -37,11 +43,147 @@ def test_tiny_preset_end_to_end(tmp_path):
                for b, f in c["fractions"].items())
   assert abs(c["flops_ratio"] - expect) < 1e-9
   assert 0.0 < c["ascent_active"] <= 1.0
-  with open(tmp_path / "tiny.json") as f:
+  assert not (tmp_path / "results").exists()
+  (folder,) = (tmp_path / "runs").iterdir()
+  assert re.fullmatch(r"\d{8}T\d{6}Z-tiny", folder.name)
+  with open(folder / "tiny.json") as f:
     saved = json.load(f)
   prov = saved["provenance"]
   for key in ("command", "git_commit", "versions", "device", "date", "seeds"):
     assert key in prov
+  # The run folder's own report and charts, redrawn at the end of the run.
+  assert (folder / "tiny_digits_noise0.2_pareto.png").stat().st_size > 0
+  md = (folder / "REPORT.md").read_text()
+  assert "(tiny_digits_noise0.2_pareto.png)" in md and "| lagnp |" in md
+  out, err = capsys.readouterr()
+  assert "run 1 of 3 (digits_noise0.2/sgd/seed 0), elapsed" in err
+  assert "run 3 of 3 (digits_noise0.2/lagnp/seed 0)" in err
+  # The terminal table has REPORT.md's columns, with the legend.
+  for col in report.columns_for(task["summary"])[0]:
+    assert col.header in out and col.header.replace("|", "\\|") in md
+  assert "Δ vs SGD: acc − SGD's acc on the same seed" in out
+
+
+def test_record_writes_results_and_regenerates_report(tmp_path, capsys):
+  # --record writes <results-dir>/<name>.json and redraws REPORT.md from
+  # every recorded file there (tiny files are recorded but never reported).
+  with open(tmp_path / "old.json", "w") as f:
+    json.dump(_synthetic_results(), f)
+  run.main(["--preset", "tiny", "--methods", "sgd", "--record",
+            "--results-dir", str(tmp_path), "--name", "tiny_rec",
+            "--no-progress"])
+  assert json.loads((tmp_path / "tiny_rec.json").read_text())[
+      "preset"] == "tiny"
+  md = (tmp_path / "REPORT.md").read_text()
+  assert "`old.json`" in md and "tiny_rec" not in md
+  assert (tmp_path / "old_digits_pareto.png").exists()
+  assert not list(tmp_path.glob("tiny_rec_*.png"))
+  out, err = capsys.readouterr()
+  assert "run 1 of" not in err  # --no-progress
+  assert "wrote " + str(tmp_path / "REPORT.md") in out
+  with pytest.raises(SystemExit):  # the record's folder needs --record
+    run.main(["--preset", "tiny", "--results-dir", str(tmp_path)])
+
+
+def _synthetic_results():
+  """A results file as benchmarks.run writes it: the new fields on one
+  method, an old file's (no peak / NLL / ECE) on the others."""
+  def s(acc, d, std, **kw):
+    return {"seeds": [0, 1], "test_acc": acc, "test_acc_std": 0.01,
+            "acc_minus_sgd": d, "acc_minus_sgd_std": std,
+            "train_time_ratio": 1.0, "acc_at_sgd_budget": None,
+            "grad_norm": 0.1, "hessian_top_eig": 2.0, **kw}
+  summary = {"sgd": s(0.90, 0.0, 0.0), "sam": s(0.92, 0.02, 0.004),
+             "cheap": s(0.917, 0.017, 0.003, peak_test_acc=0.93,
+                        peak_test_acc_minus_sgd=0.01, test_nll=0.3),
+             "untimed": s(0.91, 0.01, 0.002)}
+  cost = {"sgd": {"flops_ratio": 1.0, "time_ratio": 1.0},
+          "sam": {"flops_ratio": 2.0, "time_ratio": 1.9},
+          "cheap": {"flops_ratio": 1.1, "time_ratio": 1.2, "amortized": True,
+                    "fractions": {"recompute": 0.1, "reuse": 0.9}},
+          "cheap[recompute]": {"flops_ratio": 2.0, "time_ratio": 1.9},
+          "cheap[reuse]": {"flops_ratio": 1.0, "time_ratio": 1.1}}
+  hist = [{"epoch": 1, "train_time_s": 1.0, "test_acc": 0.8},
+          {"epoch": 2, "train_time_s": 2.0, "test_acc": 0.9}]
+  return {"provenance": {"date": "2026-01-01T00:00:00+00:00",
+                         "git_commit": "0" * 40, "seeds": [0, 1]},
+          "preset": "quick", "methods": list(summary), "hparams": {},
+          "results": {"digits": {
+              "task": {"epochs": 2, "batch": 8, "lr": 0.1},
+              "cost": cost, "summary": summary,
+              "runs": [{"method": m, "seed": k, "history": hist}
+                       for m in summary for k in (0, 1)]}}}
+
+
+def test_report_pareto_and_columns_on_synthetic_results(tmp_path):
+  res = _synthetic_results()
+  r = res["results"]["digits"]
+  points, missing = report.pareto_points(r["cost"], r["summary"])
+  assert points["sgd"] == (1.0, 0.0, 0.0)
+  assert points["cheap"] == (1.2, 0.017, 0.003)  # the amortized row
+  assert missing == ["untimed"]
+  paths = report.plot_pareto("syn", res, str(tmp_path))
+  assert paths == {"digits": str(tmp_path / "syn_digits_pareto.png")}
+  assert (tmp_path / "syn_digits_pareto.png").stat().st_size > 0
+  # Columns: the peak / NLL table appears because one method has them;
+  # the others show '-', explained under the table.
+  main, extra = report.columns_for(r["summary"])
+  assert [c.header for c in extra] == ["peak acc", "Δ peak", "NLL"]
+  md = "\n".join(report.benefit_tables("syn", res, {"digits": ["x.png"]}))
+  assert "| untimed | - | - | 0.9100 ± 0.0100 |" in md
+  assert "| cheap | 0.9300 ± - | +0.0100 ± - | 0.3000 |" not in md
+  assert "`-` in *FLOPs/SGD*: not measured" in md
+  assert "; in *acc@SGD time*: no epoch ended" in md
+  assert "- cheap, amortized over its programs: recompute 10%" in md
+  assert "![syn digits](x.png)" in md
+  text = run.format_tables("digits", r["cost"], r["summary"])
+  assert text.splitlines()[2].split()[:3] == ["method", "FLOPs/SGD",
+                                              "time/SGD"]
+  assert "'-' in peak acc: not recorded" in text
+  # An old file without any of the new fields: no second table, no crash.
+  for row in r["summary"].values():
+    for k in ("peak_test_acc", "peak_test_acc_minus_sgd", "test_nll"):
+      row.pop(k, None)
+  assert len(report.columns_for(r["summary"])) == 1
+  text, images = report.build(str(tmp_path))  # no JSON there: nothing
+  assert images == []
+
+
+def test_progress_eta_from_post_compile_step_times():
+  from benchmarks import progress  # pylint: disable=g-import-not-at-top
+  now = [0.0]
+  lines = []
+
+  class Stream:
+    def write(self, s):
+      lines.append(s)
+
+    def flush(self):
+      pass
+
+  p = progress.Progress([("a", "sgd", 0), ("a", "sam", 0), ("a", "sgd", 1),
+                         ("a", "sam", 1), ("b", "sgd", 0)],
+                        stream=Stream(), clock=lambda: now[0])
+  p.set_steps("a", 11)
+  p.start()
+  assert "ETA ? " in lines[-2]
+  now[0] = 30.0  # 20 s of compilation and evaluation, not in train_time_s
+  p.finish({"method": "sgd", "train_time_s": 10.0}, "a")  # 1 s a step
+  assert p.step_time("a", "sam") == 1.0  # not run yet: the task's mean
+  p.start()
+  assert lines[-2] == ("run 2 of 5 (a/sam/seed 0), elapsed 0:00:30, "
+                       "ETA >= 0:00:33 (+1 runs of tasks not timed yet)")
+  p.finish({"method": "sam", "train_time_s": 20.0}, "a")  # 2 s a step
+  p.set_steps("b", 5)
+  p.start()
+  # seed 1: sgd 11 s + sam 22 s; task b: the task has no timed step yet.
+  assert p.eta(2) == (33.0, 1)
+  disabled = progress.Progress([("a", "sgd", 0)], enabled=False,
+                               stream=Stream())
+  n = len(lines)
+  disabled.start()
+  disabled.done()
+  assert len(lines) == n
 
 
 def test_methods_by_name_and_hparams():
