@@ -13,6 +13,7 @@ so the cost harness knows its programs are per selection.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple, Optional
 
@@ -63,16 +64,19 @@ def _asam(base, rho=0.5, eta=0.01, **hp):
 
 @register("layerwise_sam")
 def _layerwise(base, rho=0.05, num_layers=2, every=100,
-               executor="specialize", labels=None, **hp):
+               executor="specialize", labels=None, budget=None, **hp):
   # The recorded figures drive the 'specialize' executor from the host loop
   # (exact cost per held selection). Since make_update's conv_backward="auto"
   # the default executor runs conv nets as fast on the CPU (README); pass
   # executor="auto" to measure it.
+  if budget is not None:
+    hp["budget"] = budget
   tx = optax_sam.layerwise_sam(base, rho=rho, num_layers=num_layers,
                                every=every, executor=executor,
                                labels=labels, **hp)
   policy = optax_sam.policies.layerwise_policy(
-      num_layers, every, **{k: hp[k] for k in ("statistic", "ema", "initial")
+      num_layers, every, **{k: hp[k] for k in ("statistic", "ema", "initial",
+                                               "budget", "costs")
                             if k in hp})
   return Method(tx, policy, dict(rho=rho, num_layers=num_layers,
                                  every=every, executor=executor, **hp),
@@ -114,6 +118,78 @@ def _slsam_vit(base, rho=0.01, fraction=0.2, **hp):
                 dict(rho=rho, fraction=fraction, **hp))
 
 
+# Issue 13's schedules: SAM every k steps (SGD in between), SAM only in the
+# last fraction of training (Zhou et al. 2025), and their compositions with
+# layer-wise selection and with ARSAM's reuse. ``total_steps`` is the run's
+# length, given by the harness (train.py) to builders that take it.
+S = optax_sam.schedules
+
+
+@register("periodic_sam")
+def _periodic(base, rho=0.05, every=5, driver="host", **hp):
+  tx = optax_sam.sam(base, rho=rho, schedule=S.recompute_every(every),
+                     mixer=S.plain_mixer(), **hp)
+  return Method(tx, None, dict(rho=rho, every=every, driver=driver, **hp),
+                specialized=driver == "host")
+
+
+@register("late_sam")
+def _late(base, total_steps=1000, rho=0.05, fraction=0.25, every=1,
+          driver="host", **hp):
+  then = S.recompute_every(every) if every > 1 else None
+  tx = optax_sam.sam(base, rho=rho, schedule=S.late_phase(
+      total_steps, fraction, then=then), mixer=S.plain_mixer(), **hp)
+  return Method(tx, None, dict(rho=rho, fraction=fraction, every=every,
+                               driver=driver, **hp),
+                specialized=driver == "host")
+
+
+@register("late_layerwise")
+def _late_layerwise(base, total_steps=1000, rho=0.05, fraction=0.25,
+                    num_layers=2, every=100, labels=None, budget=None, **hp):
+  """Layer-wise SAM in the late phase only (SGD before)."""
+  tx = optax_sam.layerwise_sam(
+      base, rho=rho, num_layers=num_layers, every=every, labels=labels,
+      budget=budget, schedule=S.late_phase(total_steps, fraction),
+      mixer=S.plain_mixer(), executor="specialize", **hp)
+  policy = optax_sam.policies.layerwise_policy(num_layers, every,
+                                               budget=budget)
+  return Method(tx, policy, dict(rho=rho, fraction=fraction,
+                                 num_layers=num_layers, every=every,
+                                 budget=budget, **hp), specialized=True)
+
+
+@register("late_arsam")
+def _late_arsam(base, total_steps=1000, rho=0.05, fraction=0.5,
+                target_fraction=0.2, driver="host", **hp):
+  """ARSAM (with a target recompute fraction) in the late phase only."""
+  sched = S.late_phase(total_steps, fraction,
+                       then=S.recompute_adaptive(
+                           target_fraction=target_fraction))
+  tx = optax_sam.arsam(base, rho=rho, schedule=sched, **hp)
+  return Method(tx, None, dict(rho=rho, fraction=fraction,
+                               target_fraction=target_fraction,
+                               driver=driver, **hp),
+                specialized=driver == "host")
+
+
+@register("arsam_every")
+def _arsam_every(base, rho=0.05, every=5, driver="host", **hp):
+  """ARSAM's reuse (PSF mixer) on a fixed interval."""
+  tx = optax_sam.arsam(base, rho=rho, schedule=S.recompute_every(every), **hp)
+  return Method(tx, None, dict(rho=rho, every=every, driver=driver, **hp),
+                specialized=driver == "host")
+
+
+@register("arsam_bernoulli")
+def _arsam_bernoulli(base, rho=0.05, p=0.2, driver="host", **hp):
+  """ARSAM's reuse (PSF mixer) on Bernoulli(p) steps."""
+  tx = optax_sam.arsam(base, rho=rho,
+                       schedule=S.recompute_with_probability(p), **hp)
+  return Method(tx, None, dict(rho=rho, p=p, driver=driver, **hp),
+                specialized=driver == "host")
+
+
 _REGISTRY["lagnp"] = _REGISTRY["layerwise_sam"]
 
 
@@ -122,12 +198,22 @@ def names() -> list[str]:
 
 
 def build(name: str, base: optax.GradientTransformation,
-          labels: Any = None, **hparams) -> Method:
-  """The method ``name`` around ``base`` (see the module docstring)."""
+          labels: Any = None, total_steps: Optional[int] = None,
+          **hparams) -> Method:
+  """The method ``name`` around ``base`` (see the module docstring).
+
+  ``total_steps`` (the run's length) goes to the builders that take it
+  (the late-phase schedules).
+  """
   if name in _REGISTRY:
-    if name in ("layerwise_sam", "lagnp", "layerwise_sam_perturbed"):
+    fn = _REGISTRY[name]
+    params = inspect.signature(fn).parameters
+    if name in ("layerwise_sam", "lagnp", "layerwise_sam_perturbed",
+                "late_layerwise"):
       hparams.setdefault("labels", labels)
-    return _REGISTRY[name](base, **hparams)
+    if "total_steps" in params and total_steps is not None:
+      hparams.setdefault("total_steps", total_steps)
+    return fn(base, **hparams)
   factory = getattr(optax_sam, name, None)
   if factory is None or not callable(factory):
     raise ValueError(f"unknown method {name!r}: registered {names()}, or a "

@@ -78,6 +78,48 @@ def accuracy(model, params, x, y, batch: int = 1000) -> float:
   return correct / len(x)
 
 
+def evaluate(model, params, x, y, batch: int = 1000,
+             bins: int = 15) -> dict[str, float]:
+  """Test accuracy, negative log-likelihood and expected calibration error.
+
+  ECE (Guo et al. 2017): the examples are binned by confidence (the largest
+  softmax probability) into ``bins`` equal-width bins on [0, 1]; ECE is the
+  example-weighted mean over bins of |accuracy - mean confidence|.
+  """
+  @jax.jit
+  def parts(p, xb, yb):
+    logp = jax.nn.log_softmax(model.apply({"params": p}, xb).astype(
+        jnp.float32))
+    nll = -jnp.take_along_axis(logp, yb[:, None].astype(jnp.int32), 1)[:, 0]
+    conf = jnp.exp(jnp.max(logp, -1))
+    return jnp.argmax(logp, -1) == yb, nll, conf
+
+  correct, nll, conf = [], [], []
+  for i in range(0, len(x), batch):
+    c, n, f = parts(params, x[i:i + batch], y[i:i + batch])
+    correct.append(np.asarray(c))
+    nll.append(np.asarray(n))
+    conf.append(np.asarray(f))
+  correct, nll, conf = map(np.concatenate, (correct, nll, conf))
+  return {"acc": float(correct.mean()), "nll": float(nll.mean()),
+          "ece": expected_calibration_error(conf, correct, bins)}
+
+
+def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray,
+                               bins: int = 15) -> float:
+  """ECE with ``bins`` equal-width confidence bins (a bin's upper edge is
+  inclusive, the first bin includes 0)."""
+  confidence = np.asarray(confidence, np.float64)
+  correct = np.asarray(correct, np.float64)
+  idx = np.clip(np.ceil(confidence * bins).astype(int) - 1, 0, bins - 1)
+  total = 0.0
+  for b in range(bins):
+    sel = idx == b
+    if sel.any():
+      total += sel.sum() * abs(correct[sel].mean() - confidence[sel].mean())
+  return float(total / max(len(confidence), 1))
+
+
 def tree_norm(tree) -> float:
   return float(jnp.sqrt(sum(jnp.sum(jnp.square(jnp.asarray(v, jnp.float32)))
                             for v in jax.tree.leaves(tree))))
@@ -106,8 +148,16 @@ def top_hessian_eigenvalue(loss_fn, params, x, y, *, iters: int = 20,
 def train(task: Task, method: str, seed: int, *,
           hparams: Optional[dict[str, Any]] = None, progress: bool = True,
           data: Any = None, sharpness_examples: int = 1024,
-          selection_every: int = 20) -> dict[str, Any]:
-  """Trains ``method`` on ``task`` with ``seed``; returns the run record."""
+          selection_every: int = 20,
+          on_epoch: Optional[Callable[..., None]] = None) -> dict[str, Any]:
+  """Trains ``method`` on ``task`` with ``seed``; returns the run record.
+
+  Each epoch ends with the test accuracy, NLL and ECE (15 bins) in
+  ``history``; the record has the last epoch's and the best epoch's test
+  accuracy (``peak_test_acc``, what early stopping on a clean validation
+  set would reach at best). ``on_epoch(epoch, epochs, steps_per_epoch,
+  first_step_s)`` is called after each epoch (progress reporting).
+  """
   (xtr, ytr), (xte, yte) = data if data is not None else task.load(seed)
   model = task.model()
   params = model.init(jax.random.PRNGKey(seed), jnp.asarray(xtr[:1]))[
@@ -118,7 +168,8 @@ def train(task: Task, method: str, seed: int, *,
   schedule = optax.cosine_decay_schedule(task.lr, total)
   base = optax.chain(optax.add_decayed_weights(task.weight_decay),
                      optax.sgd(schedule, momentum=0.9))
-  m = methods_lib.build(method, base, labels=task.labels, **(hparams or {}))
+  m = methods_lib.build(method, base, labels=task.labels, total_steps=total,
+                        **(hparams or {}))
   state = m.tx.init(params)
 
   if m.specialized:
@@ -168,9 +219,13 @@ def train(task: Task, method: str, seed: int, *,
         bar.update(1)
     jax.block_until_ready(params)
     train_time += time.perf_counter() - t0
+    ev = evaluate(model, params, xte, yte)
     history.append({"epoch": epoch + 1, "train_time_s": train_time,
                     "train_loss": float(jnp.mean(jnp.stack(losses))),
-                    "test_acc": accuracy(model, params, xte, yte)})
+                    "test_acc": ev["acc"], "test_nll": ev["nll"],
+                    "test_ece": ev["ece"]})
+    if on_epoch is not None:
+      on_epoch(epoch + 1, task.epochs, steps_per_epoch, first_step_s)
   if bar is not None:
     bar.close()
 
@@ -178,6 +233,9 @@ def train(task: Task, method: str, seed: int, *,
   record = {
       "method": method, "seed": seed, "hparams": m.hparams,
       "test_acc": history[-1]["test_acc"], "train_time_s": train_time,
+      "test_nll": history[-1]["test_nll"],
+      "test_ece": history[-1]["test_ece"],
+      "peak_test_acc": max(h["test_acc"] for h in history),
       "first_step_s": first_step_s, "compilations": int(compilations()),
       "history": history,
       "grad_norm": tree_norm(jax.jit(jax.grad(loss_fn))(params, xs, ys)),

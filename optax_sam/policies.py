@@ -10,9 +10,11 @@ from optax_sam._src.policies import LayerStats
 from optax_sam._src.policies import Policy
 from optax_sam._src.policies import PolicyState
 from optax_sam._src.policies import bandit
+from optax_sam._src.policies import budget_mask
 from optax_sam._src.policies import fixed
 from optax_sam._src.policies import random_k
 from optax_sam._src.policies import reselect_every
+from optax_sam._src.policies import selection_cost
 from optax_sam._src.policies import top_k
 from optax_sam._src.policies import top_k_mask
 
@@ -21,10 +23,12 @@ __all__ = (
     "Policy",
     "PolicyState",
     "bandit",
+    "budget_mask",
     "fixed",
     "layerwise_policy",
     "random_k",
     "reselect_every",
+    "selection_cost",
     "top_k",
     "top_k_mask",
 )

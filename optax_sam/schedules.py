@@ -11,10 +11,13 @@ from optax_sam._src.arsam import AdaptiveScheduleState
 from optax_sam._src.arsam import psf_mixer
 from optax_sam._src.arsam import recompute_adaptive
 from optax_sam._src.looksam import orthogonal_mixer
+from optax_sam._src.schedules import LatePhaseState
 from optax_sam._src.schedules import Mixer
 from optax_sam._src.schedules import ReuseSchedule
 from optax_sam._src.schedules import ReuseStats
 from optax_sam._src.schedules import ScheduleState
+from optax_sam._src.schedules import late_phase
+from optax_sam._src.schedules import plain_mixer
 from optax_sam._src.schedules import recompute_always
 from optax_sam._src.schedules import recompute_every
 from optax_sam._src.schedules import recompute_never
@@ -22,11 +25,14 @@ from optax_sam._src.schedules import recompute_with_probability
 
 __all__ = (
     "AdaptiveScheduleState",
+    "LatePhaseState",
     "Mixer",
     "ReuseSchedule",
     "ReuseStats",
     "ScheduleState",
+    "late_phase",
     "orthogonal_mixer",
+    "plain_mixer",
     "psf_mixer",
     "recompute_adaptive",
     "recompute_always",

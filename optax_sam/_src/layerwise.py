@@ -66,15 +66,18 @@ def layerwise_policy(
     ema: float = 0.0,
     initial: Optional[Sequence[Union[int, bool]]] = None,
     interval: Any = None,
+    budget: Optional[float] = None,
+    costs: Optional[Sequence[float]] = None,
 ) -> policies_lib.Policy:
   """The selection rule of :func:`layerwise_sam`: the top ``num_layers``
-  groups, re-selected every ``every`` steps (``interval``: deprecated)."""
+  groups (within ``budget``, see :func:`optax_sam.policies.top_k`),
+  re-selected every ``every`` steps (``interval``: deprecated)."""
   every = args_lib.renamed(every, interval, "every", "interval", 100)
   num_layers = args_lib.check_int(num_layers, "num_layers", 1)
   every = args_lib.check_int(every, "every", 1)
   return policies_lib.reselect_every(
       policies_lib.top_k(num_layers, statistic=statistic, ema=ema,
-                         initial=initial), every)
+                         initial=initial, budget=budget, costs=costs), every)
 
 
 def layerwise_sam(
@@ -97,8 +100,15 @@ def layerwise_sam(
     axis_name: Optional[str] = None,
     sync_ascent: bool = False,
     interval: Any = None,
+    budget: Optional[float] = None,
+    costs: Optional[Sequence[float]] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SAM on the ``num_layers`` layers with the largest gradient norms.
+
+  With ``budget=1.25`` the selection is cost-aware: at most ``num_layers``
+  layers whose modelled step cost stays within 1.25 SGD steps, chosen by
+  gradient norm per unit of cost (:func:`optax_sam.policies.top_k`,
+  :func:`optax_sam.policies.selection_cost`).
 
   Example (C2)::
 
@@ -141,6 +151,11 @@ def layerwise_sam(
     axis_name: mapped axis to average the descent gradient over.
     sync_ascent: also average the ascent gradient over ``axis_name``.
     interval: deprecated name of ``every``.
+    budget: the largest modelled cost of a recompute step, in SGD steps
+      (> 1); None: no limit (the top ``num_layers`` by norm, whatever they
+      cost).
+    costs: each group's share of the forward pass (default: parameter
+      counts), for ``budget``.
 
   Huge gradients: the layer statistic is built on a squared norm in
   float32, which overflows for a layer whose gradient norm exceeds about
@@ -161,8 +176,12 @@ def layerwise_sam(
     2024.
   """
   every = args_lib.renamed(every, interval, "every", "interval", 100)
+  if budget is not None and unselected == "perturbed":
+    raise ValueError("budget models the perturbed pass restricted to the "
+                     "selection; it needs unselected='clean' or 'zero'.")
   policy = layerwise_policy(num_layers, every, statistic=statistic,
-                            ema=ema, initial=initial)
+                            ema=ema, initial=initial, budget=budget,
+                            costs=costs)
   return sam_lib.sam(
       optimizer, rho, per_layer=per_layer, labels=labels, policy=policy,
       schedule=schedule, mixer=mixer, unselected=unselected, alpha=alpha,

@@ -147,6 +147,74 @@ def top_k_mask(score: jax.Array, k: int) -> jax.Array:
   return rank >= n - k
 
 
+def selection_cost(flags: jax.Array, costs: jax.Array) -> jax.Array:
+  """Modelled cost of a step that perturbs the groups ``flags``, in SGD steps.
+
+  ``costs`` are the groups' shares of the forward pass (input side first,
+  summing to 1); an SGD step is one forward and a backward of twice its
+  cost (3 units). With the clean pass over every layer and the perturbed
+  pass restricted to the selection (``unselected="clean"``), the perturbed
+  pass re-runs the forward from the deepest selected group ``d`` up
+  (XLA shares the part below with the clean pass), propagates the
+  cotangent down to ``d`` (the input-gradient products of the groups above
+  it) and forms the weight gradients of the selected groups only::
+
+    cost = 1 + (sum_{j>=d} c_j + sum_{j>d} c_j + sum_{j in S} c_j) / 3
+
+  An empty selection costs 1 (an SGD step). Dense layers match this model
+  closely (their three products each cost about a forward); measured ratios
+  are reported by ``benchmarks/cost.py``.
+  """
+  flags = jnp.asarray(flags, bool)
+  costs = jnp.asarray(costs, jnp.float32)
+  n = flags.shape[0]
+  idx = jnp.arange(n)
+  deepest = jnp.where(jnp.any(flags), jnp.argmax(flags), n)
+  above = jnp.sum(jnp.where(idx >= deepest, costs, 0.0))
+  strictly = jnp.sum(jnp.where(idx > deepest, costs, 0.0))
+  own = jnp.sum(jnp.where(flags, costs, 0.0))
+  return 1.0 + (above + strictly + own) / 3.0
+
+
+def budget_mask(score: jax.Array, k: Any, costs: jax.Array,
+                budget: Any) -> jax.Array:
+  """bool[L]: at most ``k`` groups of largest total ``score`` whose
+  :func:`selection_cost` stays within ``budget`` (SGD steps).
+
+  For each possible deepest group ``d`` the selection is ``d`` plus, among
+  the groups above it, those of largest score per unit of cost (greedy) while
+  the cost stays within the budget; the best such selection by total score
+  wins. When no selection fits, the single cheapest group is selected (the
+  budget cannot be met by selection alone: combine with a recompute
+  schedule). NaN scores count as 0. Jit-traceable.
+  """
+  n = score.shape[0]
+  score = jnp.where(jnp.isnan(score), 0.0, jnp.asarray(score, jnp.float32))
+  costs = jnp.asarray(costs, jnp.float32)
+  idx = jnp.arange(n)
+  suffix = jnp.cumsum(costs[::-1])[::-1]  # sum_{j>=d} c_j
+  strictly = jnp.concatenate([suffix[1:], jnp.zeros([1], jnp.float32)])
+  base = 1.0 + (suffix + strictly + costs) / 3.0  # cost of {d} alone
+  room = budget - base  # what the groups above d may add
+  cand = idx[None, :] > idx[:, None]  # [d, j]: j above d
+  ratio = score / jnp.maximum(costs, 1e-12)
+  keyed = jnp.where(cand, ratio[None, :], -jnp.inf)
+  order = jnp.argsort(-keyed, axis=1, stable=True)
+  c_sorted = jnp.take_along_axis(jnp.broadcast_to(costs, (n, n)), order, 1)
+  ok_sorted = jnp.take_along_axis(cand, order, 1)
+  cum = jnp.cumsum(jnp.where(ok_sorted, c_sorted, 0.0) / 3.0, axis=1)
+  rank = jnp.arange(n)[None, :]
+  take_sorted = ok_sorted & (cum <= room[:, None] + 1e-6) & (rank < k - 1)
+  take = jnp.zeros((n, n), bool).at[jnp.arange(n)[:, None], order].set(
+      take_sorted)
+  take = take | (idx[None, :] == idx[:, None])  # d itself
+  value = jnp.sum(jnp.where(take, score[None, :], 0.0), axis=1)
+  feasible = room >= -1e-6
+  best = jnp.argmax(jnp.where(feasible, value, -jnp.inf))
+  cheapest = jnp.zeros(n, bool).at[jnp.argmin(base)].set(True)
+  return jnp.where(jnp.any(feasible), take[best], cheapest)
+
+
 # --------------------------------------------------------------- policies
 
 
@@ -182,8 +250,17 @@ def top_k(
     statistic: str = "norm",
     ema: float = 0.0,
     initial: Optional[Sequence[Union[int, bool]]] = None,
+    budget: Optional[float] = None,
+    costs: Optional[Sequence[float]] = None,
 ) -> Policy:
   """The ``k`` groups with the largest (smoothed) gradient statistic.
+
+  With ``budget`` (times an SGD step, e.g. 1.25) the selection is
+  cost-aware: at most ``k`` groups whose modelled step cost
+  (:func:`selection_cost`) stays within the budget, chosen by statistic per
+  unit of cost (:func:`budget_mask`). On an MLP, where the input layer has
+  the largest gradient norm and perturbing it costs a whole backward pass
+  (about 2x SGD), a budget moves the selection to the layers above it.
 
   Args:
     k: number of groups selected each step.
@@ -195,6 +272,13 @@ def top_k(
       of a group initialises its score.
     initial: selection before any statistic exists; default the last ``k``
       groups (output side).
+    budget: the largest modelled cost of a step, in SGD steps (> 1); None:
+      no limit. It bounds a recompute step: with a recompute schedule of
+      fraction ``f`` the amortized cost is ``1 + f * (budget - 1)``.
+    costs: each group's share of the forward pass (input side first; any
+      positive scale, normalized), e.g. measured FLOPs per layer; default:
+      the groups' parameter counts (exact for dense layers; a convolution's
+      forward costs more per parameter at high resolution).
 
   Returns:
     A :class:`Policy` that may re-select every step; wrap it in
@@ -206,10 +290,31 @@ def top_k(
     raise ValueError(f"unknown statistic {statistic!r}; choose from "
                      f"{STATISTICS}.")
 
+  if budget is not None:
+    budget = args_lib.check_number(budget, "budget", 1.0)
+  if costs is not None:
+    costs = np.asarray(costs, np.float32)
+    if costs.ndim != 1 or not np.all(np.isfinite(costs)) or np.any(
+        costs < 0) or not costs.sum() > 0:
+      raise ValueError("costs must be a non-negative vector with a positive "
+                       f"sum (one entry per layer group), got {costs}.")
+
+  def shares(num_groups, sizes=None):
+    c = costs if costs is not None else sizes
+    if costs is not None and costs.shape[0] != num_groups:
+      raise ValueError(f"costs has {costs.shape[0]} entries for "
+                       f"{num_groups} layer groups.")
+    c = jnp.asarray(c, jnp.float32)
+    return c / jnp.sum(c)
+
   def init(num_groups, key=None):
     _check_k(k, num_groups)
-    flags = (_as_flags(initial, num_groups) if initial is not None else
-             np.arange(num_groups) >= num_groups - k)
+    if initial is not None:
+      flags = _as_flags(initial, num_groups)
+    else:
+      flags = np.arange(num_groups) >= num_groups - k
+      if budget is not None:  # the output side, as far as the budget goes
+        flags = np.arange(num_groups) >= num_groups - 1
     return _state(flags, args_lib.as_key(key), jnp.full(num_groups, jnp.nan))
 
   def update(state, stats):
@@ -217,8 +322,13 @@ def top_k(
     fresh = jnp.isnan(state.score)
     smoothed = jnp.where(fresh, value, ema * state.score + (1 - ema) * value)
     score = jnp.where(stats.observed, smoothed, state.score)
-    return PolicyState(top_k_mask(score, k),
-                       optax.safe_increment(state.count), state.key, score)
+    if budget is None:
+      selection = top_k_mask(score, k)
+    else:
+      selection = budget_mask(score, k, shares(score.shape[0], stats.sizes),
+                              budget)
+    return PolicyState(selection, optax.safe_increment(state.count),
+                       state.key, score)
 
   return Policy(init, update, lambda step: True)
 

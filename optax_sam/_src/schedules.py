@@ -19,8 +19,13 @@ with the stored component, at the cost of one gradient pass.
   (Bernoulli), and the static :func:`recompute_always` (SAM) and
   :func:`recompute_never`. ARSAM's adaptive rule,
   :func:`optax_sam.schedules.recompute_adaptive`, lives with ARSAM.
+  :func:`late_phase` runs another schedule only in the last part of
+  training (SAM late in training, Zhou et al. 2025), and
+  :func:`target_fraction_bounds` is the shared arithmetic of a target
+  recompute fraction.
 * A **mixer** (:class:`Mixer`) says what a recompute step stores and how a
-  reuse step forms its descent direction. ARSAM's ``psf_mixer`` and
+  reuse step forms its descent direction: :func:`plain_mixer` (the SGD
+  gradient: periodic and late-phase SAM); ARSAM's ``psf_mixer`` and
   LookSAM's ``orthogonal_mixer`` live with those methods.
 
 The engine (:func:`optax_sam.sharpness_aware`) runs the clean pass once and
@@ -97,9 +102,13 @@ class Mixer(NamedTuple):
     mix: ``mix(g, stored, age) -> descent`` on reuse steps; ``age`` (int32)
       is the number of steps since ``stored`` was computed (1 on the first
       reuse step).
+    stores: whether ``mix`` reads ``stored``. False (:func:`plain_mixer`):
+      the engine keeps no stored component (no params-sized state) and does
+      not force a recompute on the first step.
   """
   store: Callable[[PyTree, PyTree], PyTree]
   mix: Callable[[PyTree, PyTree, jax.Array], PyTree]
+  stores: bool = True
 
 
 def is_static(predicate: Any) -> bool:
@@ -183,3 +192,100 @@ def recompute_never() -> ReuseSchedule:
   """Never recompute, statically (nothing is ever stored: the base optimizer
   on the SGD gradient). For cost measurements and ablations."""
   return ReuseSchedule(simple_init, lambda state: False, simple_update)
+
+
+def plain_mixer() -> Mixer:
+  """Reuse steps descend along the SGD gradient ``g``; nothing is stored.
+
+  With :func:`recompute_every` this is periodic SAM (SAM every ``k`` steps,
+  SGD in between, as in init2winit); with :func:`late_phase`, SAM late in
+  training. No params-sized component is kept in the state.
+  """
+  return Mixer(store=lambda g, g_sam: (), mix=lambda g, stored, age: g,
+               stores=False)
+
+
+class LatePhaseState(NamedTuple):
+  """State of :func:`late_phase`.
+
+  Attributes:
+    count: int32, steps taken so far.
+    inner: the state of the schedule run from ``start`` on.
+  """
+  count: jax.Array
+  inner: Any
+
+
+def late_phase(total_steps: int, fraction: float = 0.25, *,
+               then: ReuseSchedule | None = None,
+               start: int | None = None) -> ReuseSchedule:
+  """No ascent before step ``start``; from then on, the schedule ``then``.
+
+  SAM applied only in the last ``fraction`` of training: Zhou et al. (ICLR
+  2025) find that SAM switched on late selects a minimum nearly as flat,
+  and generalizing nearly as well, as SAM throughout. Combined with
+  :func:`plain_mixer` the steps before ``start`` are SGD steps (one
+  gradient pass); ``then`` may itself reuse (e.g. :func:`recompute_every`
+  or ARSAM's adaptive rule), or the engine may add a layer policy: the
+  compositions no paper measured.
+
+  Amortized cost with ``then = recompute_always()`` and SAM's step at
+  ``c`` times SGD: ``1 + fraction * (c - 1)``.
+
+  Args:
+    total_steps: the training run's length in steps (>= 1).
+    fraction: the last fraction of the steps that run ``then``, in
+      ``[0, 1]`` (ignored when ``start`` is given).
+    then: the schedule from ``start`` on (default: every step). Its state
+      starts counting at ``start``.
+    start: the first step of the late phase (default
+      ``round((1 - fraction) * total_steps)``).
+
+  Returns:
+    A :class:`ReuseSchedule` with :class:`LatePhaseState`.
+
+  References:
+    Zhou et al., `Sharpness-Aware Minimization Efficiently Selects Flatter
+    Minima Late in Training <https://arxiv.org/abs/2410.10373>`_, ICLR 2025.
+  """
+  total_steps = args_lib.check_int(total_steps, "total_steps", 1)
+  fraction = args_lib.check_number(fraction, "fraction", 0.0, 1.0)
+  if start is None:
+    start = int(round((1.0 - float(fraction)) * total_steps))
+  start = args_lib.check_int(start, "start", 0)
+  inner = recompute_always() if then is None else then
+  if not isinstance(inner, ReuseSchedule):
+    raise TypeError(f"then must be a ReuseSchedule, got {inner!r}.")
+
+  def init(key):
+    return LatePhaseState(jnp.zeros([], jnp.int32), inner.init(key))
+
+  def decide(state):
+    late = state.count >= start
+    pred = inner.decide(state.inner)
+    if is_static(pred):
+      return late if pred else False
+    return late & jnp.asarray(pred, jnp.bool_)
+
+  def update(state, recomputed, stats):
+    late = state.count >= start
+    new = inner.update(state.inner, recomputed, stats)
+    kept = jax.lax.cond(late, lambda: new, lambda: state.inner)
+    return LatePhaseState(optax.safe_increment(state.count), kept)
+
+  return ReuseSchedule(init, decide, update)
+
+
+def target_fraction_bounds(fraction: float, window: int,
+                           max_rate: int) -> tuple[float, float]:
+  """The quota range ``[lo, hi]`` per window of a target recompute fraction.
+
+  A schedule with a target fraction ``f`` starts at ``f * window`` recomputes
+  per window and may move within a factor of 2 either way: ``[max(1, f w /
+  2), min(max_rate, 2 f w)]``. Shared by the adaptive schedules.
+  """
+  fraction = args_lib.check_number(fraction, "target_fraction", 0.0, 1.0)
+  if fraction <= 0:
+    raise ValueError(f"target_fraction must be > 0, got {fraction}.")
+  center = fraction * window
+  return (max(1.0, center / 2.0), float(min(max_rate, max(1.0, 2 * center))))
