@@ -592,7 +592,7 @@ def _pareto_axes(ax, points, missing, what: str) -> None:
     for dx, dy, ha in offsets:
       # Offsets in points to axes fractions (a ~6.4x4.8 inch panel).
       lx, ly = px + 0.0022 * dx, py + 0.004 * dy
-      w = 0.012 * len(m) * (1 if ha == "left" else -1)
+      w = (0.015 * len(m) + 0.01) * (1 if ha == "left" else -1)
       if all(abs(ly - qy) > 0.05 or
              max(lx, lx + w) < min(qx, qx + qw) or
              min(lx, lx + w) > max(qx, qx + qw)
