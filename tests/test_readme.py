@@ -55,7 +55,8 @@ def _table_rows(text: str, header_start: str) -> dict[str, list[str]]:
   """The rows of the Markdown table whose header starts with header_start,
   keyed by the method name (the first code span of the first cell)."""
   lines = text.splitlines()
-  start = next(i for i, l in enumerate(lines) if l.startswith(header_start))
+  start = next(i for i, line in enumerate(lines)
+               if line.startswith(header_start))
   rows = {}
   for line in lines[start + 2:]:
     if not line.startswith("|"):

@@ -195,7 +195,7 @@ def structure_difference(tree: Any, params: Any, what: str) -> Optional[str]:
   top = _extra_top_key(pb, pa)
   if top is not None:
     return (f"params has an extra top level {top} that {what} lacks.")
-  sa, sb = set(pa), set(pb)
+  sa = set(pa)
   for x, y in zip(pa, pb):
     if x != y:
       if y not in sa:
