@@ -110,6 +110,11 @@ class Progress:
           record["train_time_s"] / (steps - 1))
     self._next += 1
 
+  def note(self, text: str) -> None:
+    """A line between runs (e.g. the cost timing after a task's runs)."""
+    if self.enabled:
+      self._print(f"{text}, elapsed {_hms(self._clock() - self._t0)}")
+
   def done(self) -> None:
     if self.enabled:
       self._print(f"{len(self.plan)} runs done, elapsed "

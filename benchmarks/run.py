@@ -455,6 +455,8 @@ def main(argv=None) -> dict[str, Any]:
             progress=not (args.no_progress or args.no_bar)))
         progress.finish(runs[-1], task.name)
     summary = summarize(runs)
+    progress.note(f"timing {task.name}'s programs interleaved with SGD "
+                  f"({preset['cost_rounds']} rounds)")
     # Cost after training: every program the runs used, by how often.
     cost = measure_cost(task, _build(task, method_names, hparams), runs,
                         rounds=preset["cost_rounds"])
