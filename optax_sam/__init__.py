@@ -23,6 +23,7 @@ from optax_sam import policies
 from optax_sam import schedules
 from optax_sam._src.arsam import arsam
 from optax_sam._src.asam import asam
+from optax_sam._src.batching import per_example_loss
 from optax_sam._src.conv import conv_general_dilated
 from optax_sam._src.conv import forward_form_convs
 from optax_sam._src.conv import forward_form_covers
@@ -30,22 +31,27 @@ from optax_sam._src.conv import select_conv
 from optax_sam._src.engine import SharpnessAwareState
 from optax_sam._src.engine import recompute_fraction
 from optax_sam._src.engine import sharpness_aware
+from optax_sam._src.esam import esam
 from optax_sam._src.executors import Executor
 from optax_sam._src.executors import SpecializedStep
 from optax_sam._src.executors import dense
 from optax_sam._src.executors import specialize
 from optax_sam._src.executors import switch
+from optax_sam._src.fsam import fsam
 from optax_sam._src.groups import LayerGroups
+from optax_sam._src.gsam import gsam
 from optax_sam._src.groups import layer_groups
 from optax_sam._src.groups import natural_order
 from optax_sam._src.layerwise import lagnp
 from optax_sam._src.layerwise import layerwise_sam
 from optax_sam._src.looksam import looksam
+from optax_sam._src.msam import msam
 from optax_sam._src.perturb import asam_perturbation
 from optax_sam._src.perturb import sam_perturbation
 from optax_sam._src.sam import PlainState
 from optax_sam._src.sam import plain
 from optax_sam._src.sam import sam
+from optax_sam._src.sam_on import sam_on
 from optax_sam._src.slsam import slsam
 from optax_sam._src.step import GradientOracle
 from optax_sam._src.step import make_update
@@ -64,20 +70,26 @@ __all__ = (
     "asam_perturbation",
     "conv_general_dilated",
     "dense",
+    "esam",
     "executors",
     "forward_form_convs",
     "forward_form_covers",
+    "fsam",
+    "gsam",
     "lagnp",
     "layer_groups",
     "layerwise_sam",
     "looksam",
     "make_update",
+    "msam",
     "natural_order",
+    "per_example_loss",
     "perturbations",
     "plain",
     "policies",
     "recompute_fraction",
     "sam",
+    "sam_on",
     "sam_perturbation",
     "schedules",
     "select_conv",

@@ -401,3 +401,101 @@ def run_slsam_momentum(p, x, y, selections, lr, momentum, rho):
           p[k][n] = p[k][n] - lr * trace[k][n]
     out.append(tmap(np.copy, p))
   return out
+
+
+# --- The SAM family (test_family): GSAM, MSAM, F-SAM, ESAM, m-sharpness. ---
+
+
+def _sgd_momentum_step(p, trace, descent, lr, momentum):
+  trace = tmap(lambda gg, t: gg + momentum * t, descent, trace)
+  return tmap(lambda a, t: a - lr * t, p, trace), trace
+
+
+def run_gsam_momentum(p, batches, steps, lr, momentum, rho_at, alpha):
+  """GSAM (minimize_fp, global vectors) with optax.sgd(lr, momentum):
+  ``eps = rho_t g / ||g||``, ``u = g_adv / ||g_adv||``, descent
+  ``g_adv - alpha (g - <g, u> u)``; ``rho_at(t)`` the radius of step t."""
+  p = tmap(lambda a: a.astype(np.float64), p)
+  trace = tmap(np.zeros_like, p)
+  out = []
+  for t in range(steps):
+    (x, y), = batches(t)
+    _, g = loss_and_grad(p, x, y)
+    eps = sam_eps(g, rho_at(t))
+    _, ga = loss_and_grad(tmap(np.add, p, eps), x, y)
+    u = tmap(lambda a: a / global_norm(ga), ga)
+    dot = tdot(g, u)
+    descent = tmap(lambda a, gg, uu: a - alpha * (gg - dot * uu), ga, g, u)
+    p, trace = _sgd_momentum_step(p, trace, descent, lr, momentum)
+    out.append(p)
+  return out
+
+
+def run_msam_momentum(p, batches, steps, lr, momentum, rho):
+  """MSAM with optax.sgd(lr, momentum): the one gradient at
+  ``w - rho m / ||m||`` (``w`` when ``m = 0``), ``m = momentum m + g``."""
+  p = tmap(lambda a: a.astype(np.float64), p)
+  trace = tmap(np.zeros_like, p)
+  m = tmap(np.zeros_like, p)
+  out = []
+  for t in range(steps):
+    (x, y), = batches(t)
+    norm = global_norm(m)
+    eps = tmap(lambda a: -rho * a / norm if norm > 0 else 0 * a, m)
+    _, g = loss_and_grad(tmap(np.add, p, eps), x, y)
+    m = tmap(lambda a, gg: momentum * a + gg, m, g)
+    p, trace = _sgd_momentum_step(p, trace, g, lr, momentum)
+    out.append(p)
+  return out
+
+
+def run_fsam_momentum(p, batches, steps, lr, momentum, rho, sigma, lmbda):
+  """F-SAM as the authors' FriendlySAM.first_step, optax.sgd base:
+  ``d = g - sigma m`` (``d = g``, ``m = g`` at the first step), then
+  ``m = lmbda m + (1 - lmbda) g``; ``eps = rho d / ||d||``."""
+  p = tmap(lambda a: a.astype(np.float64), p)
+  trace = tmap(np.zeros_like, p)
+  m = None
+  out = []
+  for t in range(steps):
+    (x, y), = batches(t)
+    _, g = loss_and_grad(p, x, y)
+    if m is None:
+      d, m = g, g
+    else:
+      d = tmap(lambda a, b: a - sigma * b, g, m)
+      m = tmap(lambda b, a: lmbda * b + (1 - lmbda) * a, m, g)
+    eps = sam_eps(d, rho)
+    _, ga = loss_and_grad(tmap(np.add, p, eps), x, y)
+    p, trace = _sgd_momentum_step(p, trace, ga, lr, momentum)
+    out.append(p)
+  return out
+
+
+def per_example_losses(p, x, y):
+  """The MLP's squared error per example (mean over outputs), float64."""
+  h = np.tanh(x.astype(np.float64) @ p["hidden"]["w"] + p["hidden"]["b"])
+  out = h @ p["out"]["w"] + p["out"]["b"]
+  return np.mean((out - y) ** 2, axis=1)
+
+
+def run_esam_momentum(p, batches, selections, lr, momentum, rho, beta, gamma):
+  """ESAM with optax.sgd(lr, momentum), given each step's drawn leaves
+  (``selections[t]``, a set of (layer, name)): ``eps = (rho / beta) g_S /
+  ||g_S||`` on them; the descent is the gradient at ``w + eps`` of the mean
+  loss over the ``floor(gamma B)`` examples whose loss rose most."""
+  p = tmap(lambda a: a.astype(np.float64), p)
+  trace = tmap(np.zeros_like, p)
+  out = []
+  for t, sel in enumerate(selections):
+    (x, y), = batches(t)
+    _, g = loss_and_grad(p, x, y)
+    norm = np.sqrt(sum(float(np.sum(g[k][n] ** 2)) for k, n in sel))
+    w_adv = {k: {n: (p[k][n] + rho / beta * g[k][n] / norm if (k, n) in sel
+                     else p[k][n]) for n in p[k]} for k in p}
+    rise = per_example_losses(w_adv, x, y) - per_example_losses(p, x, y)
+    keep = np.argsort(-rise, kind="stable")[:max(1, int(gamma * len(x)))]
+    _, ga = loss_and_grad(w_adv, x[keep], y[keep])
+    p, trace = _sgd_momentum_step(p, trace, ga, lr, momentum)
+    out.append(p)
+  return out

@@ -62,6 +62,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple, Optional, Union
 
 import jax
@@ -79,6 +80,9 @@ from optax_sam._src import step as step_lib
 
 PyTree = Any
 UNSELECTED = ("clean", "perturbed", "zero")
+# descent_fn(g, descent) -> descent; observe(perturbation_state, descent).
+DescentFn = Callable[[PyTree, PyTree], PyTree]
+ObserveFn = Callable[[optax.OptState, PyTree], optax.OptState]
 
 
 def as_extra_args(optimizer: Any) -> optax.GradientTransformationExtraArgs:
@@ -237,6 +241,9 @@ def sharpness_aware(
     sync_ascent: bool = False,
     freeze_unselected: bool = False,
     perturb: groups_lib.MaskOrFn = None,
+    descent_fn: Optional[DescentFn] = None,
+    clean_pass: bool = True,
+    observe: Optional[ObserveFn] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """A sharpness-aware step: perturbation x layer policy x schedule.
 
@@ -316,6 +323,17 @@ def sharpness_aware(
       step. False (default): they get a zero gradient, which the base
       optimizer's momentum and weight decay still act on.
     perturb: deprecated name of ``mask``.
+    descent_fn: ``descent_fn(g, descent) -> descent``, applied on a recompute
+      step to the descent gradient the engine formed (``g`` the clean
+      gradient, zero on leaves the clean pass did not cover), e.g. GSAM's
+      ``g_adv - alpha g_perp``; None: the descent as formed.
+    clean_pass: False: no pass at ``w`` (one gradient pass per step): the
+      perturbation gets a zero gradient and must form ``eps`` from its own
+      state (MSAM's momentum), and the C2 loss and aux are those of the
+      pass at ``w + eps``. Needs no policy, no schedule, ``alpha=1``.
+    observe: ``observe(perturbation_state, descent) -> perturbation_state``,
+      called at the end of every step with the descent gradient (e.g. a
+      perturbation that keeps a momentum of the descent gradients).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a
@@ -327,6 +345,11 @@ def sharpness_aware(
   """
   optimizer = as_extra_args(optimizer)
   mask = args_lib.renamed(mask, perturb, "mask", "perturb", None)
+  if not clean_pass and (policy is not None or schedule is not None
+                         or (not args_lib.is_traced(alpha) and alpha != 1.0)
+                         or unselected not in (None, "perturbed")):
+    raise ValueError("clean_pass=False (one pass at w + eps) needs no policy, "
+                     "no schedule, alpha=1 and unselected='perturbed'.")
   if perturbation is None:
     perturbation = perturb_lib.sam_perturbation(rho)
   if policy is not None and not isinstance(policy, policies_lib.Policy):
@@ -488,7 +511,10 @@ def sharpness_aware(
       # Every leaf's clean gradient where a descent or the mixer needs it.
       full = hoist or unselected == "clean" or (unselected == "perturbed"
                                                 and reuses)
-      if hoist:
+      if not clean_pass:  # eps from the perturbation's state alone
+        value, g = None, jax.tree.map(jnp.zeros_like, local)
+        g_bar = g
+      elif hoist:
         value, g, g_bar = None, g_full, g_full_bar
       else:
         value, g = oracle.clean_with_value(
@@ -535,8 +561,11 @@ def sharpness_aware(
       eps = keep(step_lib.restrict(eps, sub), sub)
       w_adv = step_lib.add_where(local, eps, sub)
       full_descent = unselected == "perturbed"
-      g_adv = oracle.perturbed(w_adv, 0, wrt=None if full_descent else sub,
-                               gates=None if full_descent else pass_gates)
+      adv_value, g_adv = oracle.perturbed_with_value(
+          w_adv, 0, wrt=None if full_descent else sub,
+          gates=None if full_descent else pass_gates)
+      if not clean_pass:
+        value = adv_value
       g_adv = step_lib.pmean_where(g_adv, None if full_descent else sub,
                                    axis_name)
 
@@ -558,6 +587,9 @@ def sharpness_aware(
       descent = jax.tree.unflatten(jax.tree.structure(g_adv), [
           leaf(*a) for a in zip(jax.tree.leaves(g_adv), jax.tree.leaves(g_bar),
                                 sel_leaves, jax.tree.leaves(sub))])
+      if descent_fn is not None:
+        descent = jax.tree.map(lambda a, d: d.astype(a.dtype), g_adv,
+                               descent_fn(g_bar, descent))
       if reuses:
         stored = jax.tree.map(lambda s, x: x.astype(s.dtype), state.stored,
                               mixer.store(g_bar, descent))
@@ -577,7 +609,8 @@ def sharpness_aware(
         stored, rstats = state.stored, schedules_lib.ReuseStats(zero, zero)
       active = (jnp.float32(sub_fraction), jnp.float32(
           1.0 if full_descent else sub_fraction),
-                jnp.float32(1.0 if full else sub_fraction),
+                jnp.float32(0.0 if not clean_pass else
+                            1.0 if full else sub_fraction),
                 jnp.float32(1.0 if full_descent else sub_fraction))
       return (value, descent, pstate, stored, rstats,
               jnp.zeros([], jnp.int32), active, stats(descent))
@@ -586,6 +619,8 @@ def sharpness_aware(
         the_plan, body, selection=selection, recompute=pred,
         static_selection=static_selection, oracle=oracle)
     value, descent, pstate, stored, rstats, age, active, sq_norms = out
+    if observe is not None:
+      pstate = observe(pstate, descent)
     if value is not None:
       oracle.record(*value)
     pred_arr = jnp.asarray(pred, jnp.bool_)

@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optax_sam._src import batching as batching_lib
 from optax_sam._src import engine
 from optax_sam._src import executors as executors_lib
 from optax_sam._src import groups as groups_lib
@@ -54,6 +55,8 @@ def sam(
     axis_name: Optional[str] = None,
     sync_ascent: bool = False,
     perturb: groups_lib.MaskOrFn = None,
+    m: Optional[int] = None,
+    batch_argnums: Optional[tuple[int, ...]] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """Sharpness-Aware Minimization (SAM).
 
@@ -96,6 +99,16 @@ def sam(
     axis_name: mapped axis to average the descent gradient over.
     sync_ascent: also average the ascent gradient (default: m-sharpness).
     perturb: deprecated name of ``mask``.
+    m: m-sharpness on one device: the ascent (clean gradient, ``eps``,
+      perturbed gradient) runs on each micro-batch of ``m`` consecutive
+      examples separately, under one ``vmap``, and the descent gradients
+      are averaged (``m=1``: per-example ascent). The batch size must be a
+      multiple of ``m``. C2 only (C1 raises ``ValueError``); the C2 aux gets
+      a leading micro-batch axis (see
+      :func:`optax_sam._src.batching.per_micro_batch`). None (default): the
+      whole batch, one ascent. Not with ``policy`` or ``schedule``.
+    batch_argnums: with ``m``: the positional arguments of ``loss_fn``
+      (after params) that hold the batch (default all).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a
@@ -104,7 +117,23 @@ def sam(
   References:
     Foret et al., `Sharpness-Aware Minimization for Efficiently Improving
     Generalization <https://arxiv.org/abs/2010.01412>`_, ICLR 2021.
+
+    Baek, Kolter and Raghunathan, `Why is SAM Robust to Label Noise?
+    <https://arxiv.org/abs/2405.03676>`_, ICLR 2024 (m-sharpness, ``m=1``).
   """
+  if m is not None:
+    if policy is not None or schedule is not None:
+      raise ValueError("sam(m=...) (per-micro-batch ascent) does not take a "
+                       "policy or a schedule.")
+    return batching_lib.per_micro_batch(
+        lambda base: engine.sharpness_aware(
+            base,
+            perturb_lib.sam_perturbation(rho, per_layer=per_layer,
+                                         labels=labels),
+            mask=mask, perturb=perturb, unselected=unselected, alpha=alpha,
+            executor=executor, labels=labels, order=order,
+            axis_name=axis_name, sync_ascent=sync_ascent),
+        optimizer, m, batch_argnums=batch_argnums)
   return engine.sharpness_aware(
       optimizer,
       perturb_lib.sam_perturbation(rho, per_layer=per_layer, labels=labels),

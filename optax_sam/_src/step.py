@@ -181,6 +181,14 @@ class GradientOracle:
     (``gates`` as in :meth:`clean_with_value`)."""
     raise NotImplementedError
 
+  def perturbed_with_value(self, params: PyTree, index: int = 0,
+                           wrt: Optional[Mask] = None,
+                           gates: Optional[PyTree] = None
+                           ) -> tuple[tuple[Any, Any], PyTree]:
+    """:meth:`perturbed` with the pass's ``(loss, aux)`` (None in C1), for
+    methods whose only pass is at other parameters (MSAM)."""
+    return (None, None), self.perturbed(params, index, wrt, gates)
+
   def record(self, loss: Any, aux: Any) -> None:
     """Stores the clean pass's loss and aux for :func:`make_update`."""
     self.value = (loss, aux)
@@ -268,6 +276,11 @@ class LossOracle(GradientOracle):
   def perturbed(self, params, index=0, wrt=None, gates=None):
     del index
     return self._value_and_grad(params, wrt, gates)[2]
+
+  def perturbed_with_value(self, params, index=0, wrt=None, gates=None):
+    del index
+    loss, aux, grads = self._value_and_grad(params, wrt, gates)
+    return (loss, aux), grads
 
 
 def as_oracle(updates: Optional[PyTree],
