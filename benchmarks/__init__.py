@@ -1,1 +1,2 @@
-"""Benchmarks for optax_sam: cost (compiled FLOPs, wall time) and benefit (accuracy)."""
+"""Benchmarks for optax_sam: cost (compiled FLOPs, wall time) and benefit
+(accuracy)."""

@@ -103,8 +103,9 @@ def main(argv=None) -> None:
                 noise=args.noise, lr=args.lr, rho=args.rho) for s in seeds]
     accs = np.array([r["test_acc"] for r in runs])
     secs = np.mean([r["seconds"] for r in runs])
-    print(f"{method:<8}{accs.mean():>15.4f} ± {accs.std(ddof=1) if len(accs) > 1 else 0.0:.4f}"
-          f"{secs:>8.1f}", flush=True)
+    std = accs.std(ddof=1) if len(accs) > 1 else 0.0
+    print(f"{method:<8}{accs.mean():>15.4f} ± {std:.4f}{secs:>8.1f}",
+          flush=True)
 
 
 if __name__ == "__main__":

@@ -30,8 +30,9 @@ Recorded per run (``fit`` and ``cost_figures``):
   ``w + eps`` computed, read from the ``optax_sam.SharpnessAwareState`` in
   the optimizer state after every step (kept on the device, summed once at
   the end); ``optax_sam.plain`` (the base optimizer alone) has one full
-  pass: 1 and 0. ``active_ratio`` is their sum, the per-step active-parameter work relative to SGD's one full
-  backward (SAM: 2). Methods without either state: ``None``;
+  pass: 1 and 0. ``active_ratio`` is their sum, the per-step
+  active-parameter work relative to SGD's one full backward (SAM: 2).
+  Methods without either state: ``None``;
 * ``memory``: ``memory_analysis()`` of the compiled step (for a host-driven
   method, of each program it compiled, the one with the largest temporary
   buffer): ``temp_size_in_bytes``, ``argument_size_in_bytes``,

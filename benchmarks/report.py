@@ -192,7 +192,7 @@ def terminal_table(task: str, cost: dict[str, Any], summary: dict[str, Any],
       lines.append(f"{m:<{width}}" + "".join(
           f"{v:>{w}}" for v, w in zip(cells, widths)))
     if i == 0:
-      lines += [l for l in _program_lines(cost, list(summary)) if l]
+      lines += [p for p in _program_lines(cost, list(summary)) if p]
     if with_legend:
       lines += legend(cols, dashes, markdown=False)
     lines.append("")

@@ -1,10 +1,10 @@
 """Executors of the selection engine against the equivalent static subset.
 
 A top-k-of-L policy re-selected every N steps (by the per-layer norms of the
-descent gradient) drives ``optax_sam.sharpness_aware(policy=...)`` with the ``switch`` and
-the ``specialize`` executors. In the same loop, interleaved step by step, the
-benchmark also times SGD and the *equivalent static subset*: plain
-``optax_sam.sam(mask=mask)`` compiled for the subset the policy currently
+descent gradient) drives ``optax_sam.sharpness_aware(policy=...)`` with the
+``switch`` and the ``specialize`` executors. In the same loop, interleaved
+step by step, the benchmark also times SGD and the *equivalent static subset*:
+plain ``optax_sam.sam(mask=mask)`` compiled for the subset the policy currently
 holds (warmed up before it is timed). Reported per model:
 
 * compiled FLOPs of every branch / subset, the fraction of steps spent in
@@ -222,7 +222,8 @@ def format_result(name: str, r: dict[str, Any]) -> str:
            f"{'time/SGD':>10}{'time/static':>12}"]
   for m in ("static", "switch", "specialize"):
     fl = f["amortized_ratio_to_sgd"][m]
-    lines.append(f"  {m:<10}{fl:>10.3f}{fl / f['amortized_ratio_to_sgd']['static']:>13.3f}"
+    per_static = fl / f["amortized_ratio_to_sgd"]["static"]
+    lines.append(f"  {m:<10}{fl:>10.3f}{per_static:>13.3f}"
                  f"{w['mean_ratio_to_sgd'][m]:>10.3f}"
                  f"{w['mean_ratio_to_static'][m]:>12.3f}")
   c = r["compile"]

@@ -1,4 +1,5 @@
-"""One training run of one method: accuracy, wall time, gradient norm, sharpness.
+"""One training run of one method: accuracy, wall time, gradient norm,
+sharpness.
 
 Every method of a comparison gets the same data order (by seed), model
 initialisation (by seed), base optimizer and learning-rate schedule; only the
@@ -132,8 +133,8 @@ def top_hessian_eigenvalue(loss_fn, params, x, y, *, iters: int = 20,
   hvp = jax.jit(lambda p, v: jax.jvp(grad, (p,), (v,))[1])
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
-  v = jax.tree.unflatten(treedef, [jax.random.normal(k, l.shape, l.dtype)
-                                   for k, l in zip(keys, leaves)])
+  v = jax.tree.unflatten(treedef, [jax.random.normal(k, x.shape, x.dtype)
+                                   for k, x in zip(keys, leaves)])
   lam = 0.0
   for _ in range(iters):
     n = tree_norm(v)

@@ -243,10 +243,11 @@ def test_huge_gradients_keep_state_finite(name):
   assert _all_finite(u) and _all_finite(st) and bool(st.finite)
 
 
-def test_readme_recipe_runs():
+def test_guide_recipe_runs():
   import pathlib  # pylint: disable=g-import-not-at-top
-  text = (pathlib.Path(__file__).parent.parent / "README.md").read_text()
-  section = text.split("### Skipping bad steps", 1)[1].split("\n## ", 1)[0]
+  root = pathlib.Path(__file__).parent.parent
+  text = (root / "docs" / "guide.md").read_text(encoding="utf-8")
+  section = text.split("## Skipping bad steps", 1)[1].split("\n## ", 1)[0]
   block = section.split("```python\n", 1)[1].split("```", 1)[0]
   scope = {}
   exec(block, scope)  # pylint: disable=exec-used

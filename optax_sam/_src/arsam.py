@@ -164,7 +164,8 @@ def recompute_adaptive(
       max_fraction * window]``).
 
   Returns:
-    A :class:`optax_sam.schedules.ReuseSchedule` with :class:`AdaptiveScheduleState`.
+    A :class:`optax_sam.schedules.ReuseSchedule` with
+    :class:`AdaptiveScheduleState`.
 
   References:
     Deng and Pang, `Adaptively Sampling-Reusing-Mixing Decomposed Gradients
@@ -252,7 +253,8 @@ def recompute_adaptive(
   return schedules_lib.ReuseSchedule(init, decide, update)
 
 
-def psf_mixer(decay: float = 0.7, horizon: Optional[int] = 6) -> schedules_lib.Mixer:
+def psf_mixer(decay: float = 0.7,
+              horizon: Optional[int] = 6) -> schedules_lib.Mixer:
   """ARSAM's mixing: ``g + decay**age * psf`` with ``psf = g_sam - g``.
 
   The stored PSF is the whole difference between SAM's and SGD's gradient

@@ -127,13 +127,14 @@ class SharpnessAwareState(NamedTuple):
     finite: bool, whether the last step's descent gradient and the updates
       the base optimizer produced from it were all finite (True after
       ``init``; from each leaf's float32 sum, so a leaf summing beyond the
-      float32 range counts as not finite too). Nothing is done about a non-finite step besides reporting
-      it (as in optax, a NaN gradient reaches the base optimizer): skip such
-      steps with ``optax.apply_if_finite`` as the *base* optimizer (see the
-      README, "Skipping bad steps"). Parts of the state that are not the
-      base optimizer's are guarded whatever its value: a policy's or
-      schedule's statistic that is not finite is not recorded, and
-      ``stored`` keeps its previous value when the new one is not finite.
+      float32 range counts as not finite too). Nothing is done about a
+      non-finite step besides reporting it (as in optax, a NaN gradient
+      reaches the base optimizer): skip such steps with
+      ``optax.apply_if_finite`` as the *base* optimizer (see
+      ``docs/guide.md``, "Skipping bad steps"). Parts of the state that are not
+      the base optimizer's are guarded whatever its value: a policy's or
+      schedule's statistic that is not finite is not recorded, and ``stored``
+      keeps its previous value when the new one is not finite.
     clean_active: float32, fraction of parameters whose gradient the last
       step's clean pass computed (1 when every leaf's was needed, e.g.
       layer-wise SAM's ``unselected="clean"``; the selection's share under
@@ -290,11 +291,11 @@ def sharpness_aware(
       conditional, 10-40x slower there: a C1 ``grad_fn`` with convolutions,
       or C2 with ``conv_backward="xla"``; those compute every step's ascent
       with no conditional, SAM's cost, see
-      :func:`optax_sam.executors.auto`), ``"switch"`` (one program, a ``lax.switch``
-      over the menu x recompute/reuse), ``"specialize"`` (one program per
-      decision, driven by :class:`optax_sam.SpecializedStep`), ``"dense"``
-      (the selection applied as a mask: the reference, no saving from it;
-      recompute/reuse stays a conditional), or an
+      :func:`optax_sam.executors.auto`), ``"switch"`` (one program, a
+      ``lax.switch`` over the menu x recompute/reuse), ``"specialize"``
+      (one program per decision, driven by :class:`optax_sam.SpecializedStep`),
+      ``"dense"`` (the selection applied as a mask: the reference, no saving
+      from it; recompute/reuse stays a conditional), or an
       :class:`optax_sam.Executor`.
     mask: static subset of leaves that may be perturbed (a pytree of bools
       shaped like params, or ``params -> mask``); None: every leaf.

@@ -70,7 +70,8 @@ def orthogonal_mixer(
 
   def store(g, g_sam):
     labs = label_leaves(g)
-    inv = [perturb_lib.safe_inverse(n) for n in groups_lib.norms_per_leaf(g, labs)]
+    inv = [perturb_lib.safe_inverse(n)
+           for n in groups_lib.norms_per_leaf(g, labs)]
     u = jax.tree.unflatten(jax.tree.structure(g), [
         _f32(x) * i for x, i in zip(jax.tree.leaves(g), inv)])
     dots = groups_lib.dots_per_leaf(g_sam, u, labs)
@@ -117,10 +118,11 @@ def looksam(
 ) -> optax.GradientTransformationExtraArgs:
   """LookSAM: recompute SAM's gradient every ``every`` steps, reuse ``g_v``.
 
-  Steps ``0, every, 2 every, ...`` run two gradient passes, descend along ``g_sam``
-  and store ``g_v = g_sam - <g_sam, u> u`` (``u = g / ||g||``); the others
-  run one pass and descend along ``g + alpha * ||g|| / ||g_v|| * g_v``.
-  Cost: ``1 + 1/every`` SGD gradients per step. ``every=1`` is
+  Steps ``0, every, 2 every, ...`` run two gradient passes, descend along
+  ``g_sam`` and store ``g_v = g_sam - <g_sam, u> u`` (``u = g / ||g||``);
+  the others run one pass and descend along
+  ``g + alpha * ||g|| / ||g_v|| * g_v``. Cost: ``1 + 1/every`` SGD gradients
+  per step. ``every=1`` is
   :func:`optax_sam.sam` exactly.
 
   Example (C2)::

@@ -29,7 +29,6 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from typing import Any, NamedTuple, Optional, Union
 
 import jax

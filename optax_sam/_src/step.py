@@ -326,8 +326,8 @@ _APPLY_IF_FINITE = (
     "gradient passed to update, and in C2 there is none (the passes run "
     "inside tx). Put it inside instead, as the base optimizer: "
     "optax_sam.sam(optax.apply_if_finite(optax.sgd(0.1), 3)) skips every "
-    "step whose descent gradient is not finite (README: 'Skipping bad "
-    "steps').")
+    "step whose descent gradient is not finite (docs/guide.md: "
+    "'Skipping bad steps').")
 
 
 def make_update(
