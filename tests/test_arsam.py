@@ -103,13 +103,14 @@ def test_recompute_always_is_sam_exactly(path):
                      params, batches, path, 3)
   static, _ = run_steps(optax_sam.arsam(
       optax.sgd(LR, momentum=MOM), rho=RHO,
-      schedule=optax_sam.schedules.recompute_always()), params, batches, path, 3)
+      schedule=optax_sam.schedules.recompute_always()), params, batches, path,
+      3)
   for a, b in zip(static, sam):
     chex.assert_trees_all_equal(a, b)
   # Dynamic predicates that are always true (a lax.cond in the program):
   # interval 1, and the default adaptive schedule inside its warm-up.
-  for schedule in ((optax_sam.schedules.recompute_every(1), None) if path == "c2"
-                   else ()):
+  for schedule in ((optax_sam.schedules.recompute_every(1), None)
+                   if path == "c2" else ()):
     dyn, states = run_steps(
         optax_sam.arsam(optax.sgd(LR, momentum=MOM), rho=RHO,
                         schedule=schedule), params, batches, path, 3)
@@ -121,7 +122,8 @@ def test_recompute_always_is_sam_exactly(path):
 def test_recompute_never_is_the_base_optimizer():
   p, x, y = setup()
   params = to_jax(p)
-  tx = optax_sam.arsam(optax.sgd(LR), schedule=optax_sam.schedules.recompute_never())
+  tx = optax_sam.arsam(optax.sgd(LR),
+                       schedule=optax_sam.schedules.recompute_never())
   (_, _), u, st = jax.jit(optax_sam.make_update(tx, jax_loss))(
       params, tx.init(params), x, y)
   g = jax.grad(jax_loss)(params, x, y)
@@ -133,7 +135,8 @@ def test_recompute_never_is_the_base_optimizer():
 def test_zero_gradient_gives_finite_updates(path):
   params = {"w": jnp.ones((3,)), "b": jnp.zeros(())}
   zero_loss = lambda q, *_: 0.0 * jnp.sum(q["w"]) + 0.0 * q["b"]
-  tx = optax_sam.arsam(optax.sgd(0.1), schedule=optax_sam.schedules.recompute_every(2))
+  tx = optax_sam.arsam(optax.sgd(0.1),
+                       schedule=optax_sam.schedules.recompute_every(2))
   state = tx.init(params)
   if path == "c2":
     step = jax.jit(optax_sam.make_update(tx, zero_loss))
@@ -152,8 +155,9 @@ def test_zero_gradient_gives_finite_updates(path):
 def test_adaptive_schedule_stays_finite_on_zero_and_tiny_gradients(scale):
   params = {"w": jnp.ones((3,))}
   loss = lambda q: scale * jnp.sum(q["w"])
-  tx = optax_sam.arsam(optax.sgd(0.1), schedule=optax_sam.schedules.recompute_adaptive(
-      window=4, blocks=2, warmup_steps=2))
+  tx = optax_sam.arsam(
+      optax.sgd(0.1), schedule=optax_sam.schedules.recompute_adaptive(
+          window=4, blocks=2, warmup_steps=2))
   step = jax.jit(optax_sam.make_update(tx, loss))
   state = tx.init(params)
   for _ in range(10):
@@ -254,7 +258,8 @@ def _drive(schedule, steps, psf_norm):
   for t in range(steps):
     rec = decide(state)
     rates.append(float(state.rate))
-    stats = optax_sam.schedules.ReuseStats(jnp.float32(psf_norm(t)), jnp.float32(1.0))
+    stats = optax_sam.schedules.ReuseStats(jnp.float32(psf_norm(t)),
+                                           jnp.float32(1.0))
     state = update(state, rec, stats)
     decisions.append(bool(rec))
   return decisions, rates
@@ -309,7 +314,8 @@ def test_cond_predicate_is_the_states_next_recompute():
 
 @pytest.mark.parametrize("schedule", [
     optax_sam.schedules.recompute_with_probability(0.3),
-    optax_sam.schedules.recompute_adaptive(**ADAPTIVE)], ids=["probability", "adaptive"])
+    optax_sam.schedules.recompute_adaptive(**ADAPTIVE)],
+                         ids=["probability", "adaptive"])
 def test_schedules_take_typed_and_raw_keys(schedule):
   stats = optax_sam.schedules.ReuseStats(jnp.float32(1), jnp.float32(2))
   runs = []
@@ -382,7 +388,7 @@ def case_region_dots(text):
       elif "stablehlo.dot_general" in lines[j]:
         regions[-1] += 1
       j += 1
-    before = sum("stablehlo.dot_general" in l for l in lines[:i])
+    before = sum("stablehlo.dot_general" in line for line in lines[:i])
     out.append((before, regions))
   return out
 

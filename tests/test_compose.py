@@ -152,7 +152,7 @@ def test_state_is_a_plain_pytree_and_resumes_bit_for_bit():
   half = run(params, tx.init(params), 2)
   # "Checkpoint": flatten to numpy and rebuild, as orbax would.
   leaves, treedef = jax.tree.flatten(half)
-  restored = jax.tree.unflatten(treedef, [np.array(l) for l in leaves])
+  restored = jax.tree.unflatten(treedef, [np.array(x) for x in leaves])
   resumed = run(*restored, 2)
   jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), full,
                resumed)

@@ -158,7 +158,8 @@ def test_bandit_deterministic_given_key():
 @pytest.mark.parametrize("make, match", [
     (lambda: optax_sam.policies.top_k(2, ema=1.0), "ema"),
     (lambda: optax_sam.policies.top_k(2, statistic="max"), "statistic"),
-    (lambda: optax_sam.policies.reselect_every(optax_sam.policies.top_k(1), 0), "every"),
+    (lambda: optax_sam.policies.reselect_every(optax_sam.policies.top_k(1),
+                                               0), "every"),
     (lambda: optax_sam.policies.bandit(0.0), "fraction"),
     (lambda: optax_sam.policies.bandit(0.5, eta=-1.0), "eta"),
 ])
@@ -204,7 +205,8 @@ INT32_MAX = int(np.iinfo(np.int32).max)
 @pytest.mark.parametrize("make", [
     lambda: optax_sam.policies.fixed([0]), lambda: optax_sam.policies.top_k(1),
     lambda: optax_sam.policies.reselect_every(optax_sam.policies.top_k(1), 2),
-    lambda: optax_sam.policies.random_k(1), lambda: optax_sam.policies.bandit(0.5),
+    lambda: optax_sam.policies.random_k(1),
+    lambda: optax_sam.policies.bandit(0.5),
 ], ids=["fixed", "top_k", "reselect_every", "random_k", "bandit"])
 def test_policy_counter_saturates_instead_of_wrapping(make):
   pol = make()
@@ -216,7 +218,8 @@ def test_policy_counter_saturates_instead_of_wrapping(make):
 
 
 @pytest.mark.parametrize("schedule", [
-    optax_sam.schedules.recompute_every(2), optax_sam.schedules.recompute_with_probability(0.5),
+    optax_sam.schedules.recompute_every(2),
+    optax_sam.schedules.recompute_with_probability(0.5),
     optax_sam.schedules.recompute_adaptive(window=4, blocks=2, warmup_steps=0)],
     ids=["every", "probability", "adaptive"])
 def test_schedule_counters_saturate_instead_of_wrapping(schedule):

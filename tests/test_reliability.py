@@ -207,7 +207,8 @@ HUGE = {
     "layerwise_sam": lambda o: optax_sam.layerwise_sam(o, num_layers=1,
                                                       every=1, ema=0.5),
     "arsam": lambda o: optax_sam.arsam(
-        o, schedule=schedules.recompute_adaptive(window=4, blocks=2, warmup_steps=2)),
+        o, schedule=schedules.recompute_adaptive(window=4, blocks=2,
+                                                 warmup_steps=2)),
     "bandit": lambda o: optax_sam.sharpness_aware(
         o, policy=policies.bandit(0.5)),
     "slsam": lambda o: optax_sam.slsam(o, executor="dense"),

@@ -19,8 +19,8 @@ import pytest
 
 import optax_sam
 import reference
-from _util import (selective, assert_trees_close, deep_mlp, flops, jax_loss, run_steps,
-                   setup, to_jax)
+from _util import (selective, assert_trees_close, deep_mlp, flops, jax_loss,
+                   run_steps, setup, to_jax)
 
 LR, MOM, RHO = 0.1, 0.9, 0.05
 LAYERS = ("hidden", "out")
@@ -99,8 +99,10 @@ def _train(executor, policy, restrict_descent, steps=7):
 
 
 POLICIES = {
-    "top2_every3": lambda: optax_sam.policies.reselect_every(optax_sam.policies.top_k(2), 3),
-    "bandit": lambda: optax_sam.policies.bandit(0.3, eta=1.0, scale_invariant=True),
+    "top2_every3": lambda: optax_sam.policies.reselect_every(
+        optax_sam.policies.top_k(2), 3),
+    "bandit": lambda: optax_sam.policies.bandit(0.3, eta=1.0,
+                                                scale_invariant=True),
     "random2": lambda: optax_sam.policies.random_k(2),
 }
 

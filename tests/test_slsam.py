@@ -123,7 +123,8 @@ def test_fraction_one_is_sam():
   p, x, y = setup(0)
   results = []
   for tx in (optax_sam.slsam(optax.sgd(LR, momentum=MOM), rho=RHO,
-                             fraction=1.0, executor=optax_sam.executors.gated()),
+                             fraction=1.0,
+                             executor=optax_sam.executors.gated()),
              optax_sam.slsam(optax.sgd(LR, momentum=MOM), rho=RHO,
                              fraction=1.0),
              optax_sam.sam(optax.sgd(LR, momentum=MOM), rho=RHO)):

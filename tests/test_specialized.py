@@ -119,4 +119,5 @@ def test_uncovered_selection_raises_a_clear_error():
 def test_policy_argument_is_deprecated():
   tx = _selective("specialize", optax_sam.policies.fixed([1]))
   with pytest.warns(DeprecationWarning):
-    optax_sam.SpecializedStep(tx, jax_loss, policy=optax_sam.policies.fixed([1]))
+    optax_sam.SpecializedStep(tx, jax_loss,
+                              policy=optax_sam.policies.fixed([1]))
