@@ -6,7 +6,10 @@ measured so far: a run's first step (which compiles, ``first_step_s`` in
 evaluations and the cost measurement after each task. A (task, method) not
 run yet is estimated by the mean step time of the methods already run on
 its task; runs of a task none of whose runs have finished are counted apart
-(the ETA is then a lower bound, marked ``>=``).
+(the ETA is then a lower bound, marked ``>=``). The rest of each run's wall
+time (compilation, evaluations, the final gradient norm and Hessian
+eigenvalue) is estimated the same way and shown apart, ``(+h:mm:ss
+compile/eval)``: on short runs it dominates.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ class Progress:
     self._t0 = clock()
     self._steps: dict[str, int] = {}  # steps of one run, per task
     self._step_s: dict[tuple[str, str], list[float]] = {}
+    self._other_s: dict[tuple[str, str], list[float]] = {}
+    self._started: Optional[float] = None
     self._next = 0
     if enabled:
       self._print(f"{len(self.plan)} training runs; ETA from post-compile "
@@ -52,18 +57,22 @@ class Progress:
     """The number of training steps of each run of ``task``."""
     self._steps[task] = int(steps)
 
-  def step_time(self, task: str, method: str) -> Optional[float]:
-    """Estimated post-compile seconds per step of ``method`` on ``task``."""
-    mine = self._step_s.get((task, method))
+  @staticmethod
+  def _estimate(table, task: str, method: str) -> Optional[float]:
+    mine = table.get((task, method))
     if mine:
       return sum(mine) / len(mine)
-    same_task = [sum(v) / len(v) for (t, _), v in self._step_s.items()
+    same_task = [sum(v) / len(v) for (t, _), v in table.items()
                  if t == task and v]
     return sum(same_task) / len(same_task) if same_task else None
 
+  def step_time(self, task: str, method: str) -> Optional[float]:
+    """Estimated post-compile seconds per step of ``method`` on ``task``."""
+    return self._estimate(self._step_s, task, method)
+
   def eta(self, start: int) -> tuple[float, int]:
-    """Seconds of training left from run ``start`` (0-based) on, and the
-    number of those runs with no estimate yet."""
+    """Seconds of training steps left from run ``start`` (0-based) on, and
+    the number of those runs with no estimate yet."""
     total, unknown = 0.0, 0
     for task, method, _ in self.plan[start:]:
       s, n = self.step_time(task, method), self._steps.get(task)
@@ -72,6 +81,12 @@ class Progress:
       else:
         total += s * n
     return total, unknown
+
+  def other_time(self, start: int) -> float:
+    """Estimated seconds outside the timed steps (compilation, evaluation)
+    of the runs from ``start`` on that have an estimate."""
+    return sum(self._estimate(self._other_s, t, m) or 0.0
+               for t, m, _ in self.plan[start:])
 
   def line(self, k: int) -> str:
     """The progress line shown before run ``k`` (0-based)."""
@@ -84,6 +99,9 @@ class Progress:
                   "yet)")
     else:
       eta_text = f"ETA {_hms(eta)}"
+    other = self.other_time(k)
+    if other and unknown < len(self.plan) - k:
+      eta_text += f" (+{_hms(other)} compile/eval)"
     return (f"run {k + 1} of {len(self.plan)} ({task}/{method}/seed {seed}),"
             f" elapsed {_hms(self._clock() - self._t0)}, {eta_text}")
 
@@ -91,6 +109,7 @@ class Progress:
     """Announces run ``k`` (default: the one after the last finished)."""
     if k is not None:
       self._next = k
+    self._started = self._clock()
     if self.enabled:
       self._print(self.line(self._next))
 
@@ -105,9 +124,14 @@ class Progress:
       steps: its training steps (default: those given by ``set_steps``).
     """
     steps = steps if steps is not None else self._steps.get(task)
+    key = (task, record["method"])
     if steps and steps > 1 and record.get("train_time_s") is not None:
-      self._step_s.setdefault((task, record["method"]), []).append(
+      self._step_s.setdefault(key, []).append(
           record["train_time_s"] / (steps - 1))
+      if self._started is not None:
+        self._other_s.setdefault(key, []).append(max(
+            0.0, self._clock() - self._started - record["train_time_s"]))
+    self._started = None
     self._next += 1
 
   def note(self, text: str) -> None:

@@ -171,8 +171,11 @@ def test_progress_eta_from_post_compile_step_times():
   p.finish({"method": "sgd", "train_time_s": 10.0}, "a")  # 1 s a step
   assert p.step_time("a", "sam") == 1.0  # not run yet: the task's mean
   p.start()
+  # 3 runs of task a at 11 s (their 20 s else apart), task b unknown.
   assert lines[-2] == ("run 2 of 5 (a/sam/seed 0), elapsed 0:00:30, "
-                       "ETA >= 0:00:33 (+1 runs of tasks not timed yet)")
+                       "ETA >= 0:00:33 (+1 runs of tasks not timed yet) "
+                       "(+0:01:00 compile/eval)")
+  now[0] = 60.0
   p.finish({"method": "sam", "train_time_s": 20.0}, "a")  # 2 s a step
   p.set_steps("b", 5)
   p.start()
