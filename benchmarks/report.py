@@ -140,8 +140,9 @@ TIMING_NOTE = (
     "interleaved with SGD's round by round in one process, as the median "
     "over the rounds of the mean step time in a round, divided by SGD's "
     "median; train time/SGD comes from the training runs themselves. On a "
-    "shared CPU both move between runs of the same code, so compare methods "
-    "within one table and read differences of ~0.1-0.2x as noise.")
+    "shared CPU both move between runs of the same code (other processes, "
+    "frequency scaling): compare methods within one table; the same "
+    "method's ratio differs between runs.")
 
 
 def columns_for(summary: dict[str, Any]) -> list[list[Column]]:
@@ -679,7 +680,8 @@ def _sam_time_range(results: dict[str, dict[str, Any]]) -> Optional[str]:
   (lo, a), (hi, b) = ratios[0], ratios[-1]
   return (f"SAM's time/SGD, the same two passes every step, ranges from "
           f"{lo:.2f}x (`{a}`) to {hi:.2f}x (`{b}`) over the {len(ratios)} "
-          "tables below.")
+          "tables below (tasks differ too): read differences between tables "
+          "within that spread as noise.")
 
 
 def build(results_dir: str = RESULTS, *, include_tiny: bool = False,
