@@ -138,3 +138,10 @@ def test_docs_method_pages_quote_the_readme_figures():
       page = " ".join(f.read().split())
     assert f"FLOPs / SGD step {rows[method][2]}" in page, method
     assert f"Δ test acc vs SGD {rows[method][3]}" in page, method
+
+
+def test_readme_main_command():
+  joined = re.sub(r" \\\n\s*", " ", _readme())  # join continued lines
+  assert ('sudo apt-get update && sudo apt-get install -y '
+          'dataset-fashion-mnist && python3 -m pip install -e ".[examples]" '
+          "&& python3 -m benchmarks.run --preset quick") in joined
