@@ -147,6 +147,19 @@ def test_report_pareto_and_columns_on_synthetic_results(tmp_path):
   assert len(report.columns_for(r["summary"])) == 1
   text, images = report.build(str(tmp_path))  # no JSON there: nothing
   assert images == []
+  # README's generated block: the report, image links relative to README.
+  (tmp_path / "results").mkdir()
+  with open(tmp_path / "results" / "syn.json", "w") as f:
+    json.dump(res, f)
+  (tmp_path / "README.md").write_text(
+      f"intro\n{report.START}\nstale block\n{report.END}\nrest\n")
+  path, images = report.write_report(str(tmp_path / "results"),
+                                     readme=str(tmp_path / "README.md"))
+  readme = (tmp_path / "README.md").read_text()
+  assert readme.startswith("intro\n") and readme.endswith("rest\n")
+  assert "stale block" not in readme and "| cheap |" in readme
+  assert "(results/syn_digits_pareto.png)" in readme
+  assert "(syn_digits_pareto.png)" in open(path).read()
 
 
 def test_progress_eta_from_post_compile_step_times():
