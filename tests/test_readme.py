@@ -145,3 +145,16 @@ def test_readme_main_command():
   assert ('sudo apt-get update && sudo apt-get install -y '
           'dataset-fashion-mnist && python3 -m pip install -e ".[examples]" '
           "&& python3 -m benchmarks.run --preset quick") in joined
+
+
+def test_readme_slsam_figures_match_results():
+  with open(os.path.join(RESULTS, "slsam_cost.json"), encoding="utf-8") as f:
+    gated = json.load(f)["results"]["mlp"]["gated_pass"]["0.5"]
+  with open(os.path.join(RESULTS, "finetune_vision.json"),
+            encoding="utf-8") as f:
+    vision = json.load(f)["summary"]["slsam"]
+  text = " ".join(_readme().split())
+  assert (f"computes {gated['pass_flops_ratio_mean']:.2f} of a full "
+          "gradient's FLOPs") in text
+  assert (f"lost {-vision['test_acc_minus_base']:.4f} ± "
+          f"{vision['test_acc_minus_base_std']:.4f} test accuracy") in text
