@@ -201,6 +201,27 @@ def core_methods(problem: Problem) -> dict[str, optax.GradientTransformation]:
   }
 
 
+def registered_methods(problem: Problem, names: list[str]
+                       ) -> tuple[dict[str, Any], dict[str, str]]:
+  """``benchmarks.methods`` entries by name (SGD-momentum base as in
+  :func:`core_methods`; ``"sgd"`` always first), and the ones that cannot run
+  on ``problem`` with the reason (e.g. SAM-ON on a model without
+  normalization layers), found by tracing one step."""
+  from benchmarks import methods as methods_lib  # pylint: disable=g-import-not-at-top
+  out, skipped = {}, {}
+  for name in ["sgd"] + [n for n in names if n != "sgd"]:
+    tx = methods_lib.build(name, optax.sgd(0.01, momentum=0.9),
+                           labels=problem.labels).tx
+    try:
+      jax.eval_shape(train_step_fn(tx, problem), problem.params,
+                     tx.init(problem.params), *problem.batch)
+    except ValueError as e:
+      skipped[name] = str(e)
+      continue
+    out[name] = tx
+  return out, skipped
+
+
 def train_step_fn(tx, problem: Problem, conv_backward: str = "auto"):
   """A full training step: both passes, optimizer, apply_updates."""
   step = optax_sam.make_update(tx, problem.loss_fn, has_aux=problem.has_aux,
@@ -677,6 +698,11 @@ def main(argv=None):
       "--slsam", action="store_true",
       help="SL-SAM's cost: SGD, SAM and SL-SAM with the gated, switch and "
       "dense executors (AdamW base), and the FLOPs of a gated pass")
+  parser.add_argument(
+      "--methods", default=None,
+      help="comma-separated names of benchmarks.methods to measure against "
+      "sgd instead of the core set (e.g. sam,gsam,msam); a method that "
+      "cannot run on a model is listed under 'skipped' with the reason")
   parser.add_argument("--only", default=None,
                       help="comma-separated program kinds to measure with "
                       "--executors (e.g. sam,sam_handwritten; sgd always)")
@@ -696,6 +722,15 @@ def main(argv=None):
       results[model] = measure_slsam(problem, rounds=args.rounds,
                                      steps_per_round=args.steps_per_round)
       print(format_slsam_table(model, results[model]), flush=True)
+      continue
+    if args.methods:
+      methods, skipped = registered_methods(problem, args.methods.split(","))
+      results[model] = measure(problem, methods, rounds=args.rounds,
+                               steps_per_round=args.steps_per_round)
+      results[model]["skipped"] = skipped
+      print(format_table(model, results[model]), flush=True)
+      for name, why in skipped.items():
+        print(f"  {name}: not run on {model}: {why}", flush=True)
       continue
     if not args.executors:
       results[model] = measure(problem, core_methods(problem),

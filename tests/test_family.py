@@ -14,8 +14,9 @@ from _util import (assert_trees_close, deep_mlp, flops, jax_loss, make_step,
                    rolling_batches, run_steps, setup, to_jax)
 
 LR, MOM = 0.1, 0.9
-# Eager (no-jit) runs take 2 steps: the same trace as jit, op by op.
-PATHS = [("c1", True, 4), ("c2", True, 4), ("c2", False, 2)]
+# Eager (no-jit) runs take 1 step (they run the jitted trace op by op; the
+# multi-step behaviour is checked under jit).
+PATHS = [("c1", True, 4), ("c2", True, 4), ("c2", False, 1)]
 
 
 def sgd():
@@ -34,12 +35,19 @@ def _close(got, want, rtol=2e-5, atol=2e-6):
     assert_trees_close(g, w, rtol=rtol, atol=atol)
 
 
-def _same_run(tx_a, tx_b, path="c2", steps=3, loss=jax_loss):
+_SAM = []
+
+
+def _is_sam(tx):
+  """``tx`` runs as ``sam(sgd(), rho=0.05)`` for 3 C2 steps (SAM's run
+  computed once for the file)."""
   p, x, y = setup()
   params = to_jax(p)
-  a, _ = _run(tx_a, params, x, y, path, steps, loss)
-  b, _ = _run(tx_b, params, x, y, path, steps, loss)
-  _close(a, b, rtol=1e-6, atol=1e-7)
+  if not _SAM:
+    _SAM.append(_run(optax_sam.sam(sgd(), rho=0.05), params, x, y, "c2",
+                     3)[0])
+  got, _ = _run(tx, params, x, y, "c2", 3)
+  _close(got, _SAM[0], rtol=1e-6, atol=1e-7)
 
 
 def _run(tx, params, x, y, path, steps, loss=jax_loss, jit=True):
@@ -96,8 +104,7 @@ def test_gsam_radius_never_negative():
 
 
 def test_gsam_alpha_zero_is_sam():
-  _same_run(optax_sam.gsam(sgd(), 0.05, 0.05, alpha=0.0),
-            optax_sam.sam(sgd(), rho=0.05))
+  _is_sam(optax_sam.gsam(sgd(), 0.05, 0.05, alpha=0.0))
 
 
 def test_gsam_descent_is_orthogonal_correction():
@@ -157,7 +164,7 @@ def test_msam_loss_is_at_the_perturbed_point():
 
 
 def test_msam_costs_one_sgd_step():
-  params, loss, x, y = deep_mlp(8, 128, 64, scale=12)
+  params, loss, x, y = deep_mlp(4, 128, 64, scale=12)
   def ratio(tx):
     return flops(optax_sam.make_update(tx, loss), params, tx.init(params),
                  x, y)
@@ -180,14 +187,13 @@ def test_fsam_matches_numpy_reference(path, jit, steps):
 
 
 def test_fsam_sigma_zero_is_sam():
-  _same_run(optax_sam.fsam(sgd(), rho=0.05, sigma=0.0),
-            optax_sam.sam(sgd(), rho=0.05), steps=3)
+  _is_sam(optax_sam.fsam(sgd(), rho=0.05, sigma=0.0))
 
 
 # ---------------------------------------------------------------- SAM-ON
 
 
-def ln_mlp(depth=6, width=128, batch=64, seed=0):
+def ln_mlp(depth=3, width=64, batch=32, seed=0):
   """A deep tanh MLP with a LayerNorm (scale, bias) after each hidden
   layer: ``(params, loss, x, y)``."""
   keys = jax.random.split(jax.random.PRNGKey(seed), depth + 1)
@@ -245,12 +251,12 @@ def test_sam_on_ascent_skips_weight_gradients():
   def cost(tx):
     return flops(optax_sam.make_update(tx, loss), params, tx.init(params),
                  x, y)
-  sgd_step = cost(optax_sam.plain(optax.sgd(0.1)))
-  sam = cost(optax_sam.sam(optax.sgd(0.1))) / sgd_step
-  sam_on = cost(optax_sam.sam_on(optax.sgd(0.1))) / sgd_step
-  # The clean pass differentiates the LayerNorm leaves only: no kernel
-  # gradient products (a third of a gradient's matmul FLOPs) in it.
-  assert sam > 1.9 and sam_on < sam - 0.25, (sam, sam_on)
+  # SAM: two full gradients. SAM-ON's clean pass differentiates the
+  # LayerNorm leaves only: no kernel-gradient products (a third of a
+  # gradient's matmul FLOPs), so about 5/3 gradients.
+  ratio = cost(optax_sam.sam_on(optax.sgd(0.1))) / cost(
+      optax_sam.sam(optax.sgd(0.1)))
+  assert ratio < 0.9, ratio
 
 
 # ------------------------------------------------------------------ ESAM
@@ -262,19 +268,20 @@ def _leaf_names(params):
   return [tuple(n.split("/")) for n in groups.names]
 
 
-@pytest.mark.parametrize("path,jit,steps", [("c2", True, 5),
-                                            ("c2", False, 2)])
-def test_esam_matches_numpy_reference(path, jit, steps):
+# Eager: data selection only (beta=1), the draw is checked under jit.
+@pytest.mark.parametrize("path,jit,steps,beta", [("c2", True, 5, 0.5),
+                                                 ("c2", False, 1, 1.0)])
+def test_esam_matches_numpy_reference(path, jit, steps, beta):
   p, x, y = setup()
-  tx = optax_sam.esam(sgd(), rho=0.1, beta=0.5, gamma=0.5, seed=3)
+  tx = optax_sam.esam(sgd(), rho=0.1, beta=beta, gamma=0.5, seed=3)
   got, states = _run(tx, to_jax(p), x, y, path, steps, per_example, jit)
   names = _leaf_names(p)
   sels = [{names[i] for i, f in enumerate(np.asarray(s.last_selection)) if f}
-          for s in states]
+          if beta < 1 else set(names) for s in states]
   assert len(sels[0]) == 4  # the first step perturbs every tensor
-  assert any(len(s) < 4 for s in sels)  # later ones draw subsets
+  assert steps == 1 or any(len(s) < 4 for s in sels)  # later: subsets
   want = reference.run_esam_momentum(p, rolling_batches(x, y), sels, LR, MOM,
-                                     0.1, 0.5, 0.5)
+                                     0.1, beta, 0.5)
   _close(got, want)
 
 
@@ -291,8 +298,7 @@ def test_esam_swp_only_in_c1_matches_reference():
 
 
 def test_esam_beta_gamma_one_is_sam():
-  _same_run(optax_sam.esam(sgd(), rho=0.05, beta=1.0, gamma=1.0),
-            optax_sam.sam(sgd(), rho=0.05))
+  _is_sam(optax_sam.esam(sgd(), rho=0.05, beta=1.0, gamma=1.0))
 
 
 def test_esam_data_selection_needs_per_example_losses_and_c2():
@@ -318,7 +324,7 @@ def _micro(x, y, m):
 
 
 @pytest.mark.parametrize("m,jit,steps", [(1, True, 3), (4, True, 3),
-                                         (4, False, 2)])
+                                         (4, False, 1)])
 def test_m_sharpness_matches_numpy_reference(m, jit, steps):
   p, x, y = setup()
   tx = optax_sam.sam(sgd(), rho=0.1, m=m)
@@ -328,8 +334,7 @@ def test_m_sharpness_matches_numpy_reference(m, jit, steps):
 
 
 def test_m_equal_to_the_batch_is_sam():
-  _same_run(optax_sam.sam(sgd(), rho=0.05, m=16), optax_sam.sam(sgd(),
-                                                                 rho=0.05))
+  _is_sam(optax_sam.sam(sgd(), rho=0.05, m=16))
 
 
 def test_m_sharpness_errors():
@@ -343,3 +348,23 @@ def test_m_sharpness_errors():
     step(params, tx.init(params), x, y)
   with pytest.raises(ValueError, match="policy or a schedule"):
     optax_sam.sam(sgd(), m=2, schedule=optax_sam.schedules.recompute_every(2))
+
+
+def test_esam_per_example_from_mean_equals_given_losses():
+  p, x, y = setup()
+  params = to_jax(p)
+  given, _ = _run(optax_sam.esam(sgd(), beta=1.0), params, x, y, "c2", 2,
+                  per_example)
+  derived, _ = _run(optax_sam.esam(sgd(), beta=1.0,
+                                   per_example_from_mean=True),
+                    params, x, y, "c2", 2, jax_loss)
+  _close(given, derived, rtol=1e-6, atol=1e-7)
+
+
+def test_family_is_registered_in_the_benchmarks():
+  from benchmarks import methods as methods_lib  # pylint: disable=g-import-not-at-top
+  params = to_jax(setup()[0])
+  for name in ("gsam", "msam", "sam_on", "esam", "fsam", "sam_m"):
+    assert name in methods_lib.names()
+    tx = methods_lib.build(name, optax.sgd(0.1)).tx
+    assert isinstance(tx.init(params), optax_sam.SharpnessAwareState)

@@ -106,7 +106,7 @@ class _SelectingOracle(step_lib.LossOracle):
   perturbed pass takes the gradient on the examples that rose most."""
 
   def __init__(self, outer: step_lib.LossOracle, gamma: float,
-               batch_argnums):
+               batch_argnums, from_mean: bool = False):
     self.outer = outer
     self.gamma = gamma
     self.batch_argnums = batch_argnums
@@ -116,8 +116,11 @@ class _SelectingOracle(step_lib.LossOracle):
       if fn is None:
         return None
 
+      per = (batching_lib.per_example_loss(fn, outer.has_aux, batch_argnums)
+             if from_mean else fn)
+
       def loss(params, *args):
-        out = fn(params, *args)
+        out = per(params, *args)
         losses, aux = out if outer.has_aux else (out, None)
         if jnp.ndim(losses) != 1:
           raise ValueError(_NEEDS_PER_EXAMPLE + f" Got a loss of shape "
@@ -164,6 +167,7 @@ def esam(
     gamma: float = 0.5,
     *,
     batch_argnums: Optional[tuple[int, ...]] = None,
+    per_example_from_mean: bool = False,
     labels: groups_lib.Labels = None,
     executor: Union[str, executors_lib.Executor, None] = "gated",
     seed: Optional[args_lib.SeedOrKey] = None,
@@ -189,6 +193,11 @@ def esam(
       (< 1 needs per-example losses, see the module docstring).
     batch_argnums: the positional arguments of ``loss_fn`` after params that
       hold the batch (default all), for ``gamma < 1``.
+    per_example_from_mean: ``loss_fn`` returns the mean loss and ESAM takes
+      the per-example losses from it by :func:`optax_sam.per_example_loss`
+      (``vmap`` over single examples: right only when examples do not
+      interact, e.g. no BatchNorm in training mode). Default False: a
+      scalar loss raises ``ValueError`` with ``gamma < 1``.
     labels: the drawn units (default: one per parameter tensor, as the code).
     executor: ``"gated"`` (default), or any executor of
       :func:`optax_sam.sharpness_aware`; ``beta=1`` has no draw (no
@@ -228,7 +237,8 @@ def esam(
       raise ValueError(_NEEDS_C2)
     return inner.update(updates, state, params,
                         grad_fn=_SelectingOracle(grad_fn, gamma,
-                                                 batch_argnums),
+                                                 batch_argnums,
+                                                 per_example_from_mean),
                         **extra_args)
 
   return optax.GradientTransformationExtraArgs(inner.init, update_fn)

@@ -21,6 +21,9 @@ authors' code reads the SGD buffer itself, which includes the weight-decay
 term (their SGD adds ``wd * w`` to the gradient first); with a separate
 ``optax.add_decayed_weights`` in a chain, this copy does not see it.
 
+In C1 the gradient passed to ``update`` (at ``w``) is not used: MSAM's one
+gradient is ``grad_fn(w + eps, 0)``; C2 runs only that pass.
+
 As the paper, the loss and aux that C2 returns are those of the one pass,
 at ``w + eps`` (not at ``w``): BatchNorm statistics come from the perturbed
 weights.
