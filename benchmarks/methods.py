@@ -250,8 +250,16 @@ def build(name: str, base: optax.GradientTransformation,
   """The method ``name`` around ``base`` (see the module docstring).
 
   ``total_steps`` (the run's length) goes to the builders that take it
-  (the late-phase schedules).
+  (the late-phase schedules). A name may carry hyper-parameters after
+  ``@`` (``"arsam@target_fraction=0.2"``, several joined by ``+``), so one
+  run can compare settings of one method side by side.
   """
+  if "@" in name:
+    base_name, _, spec = name.partition("@")
+    extra = parse_hparams(",".join(f"{base_name}:{kv}"
+                                   for kv in spec.split("+")))
+    return build(base_name, base, labels=labels, total_steps=total_steps,
+                 **{**extra.get(base_name, {}), **hparams})
   if name in _REGISTRY:
     fn = _REGISTRY[name]
     params = inspect.signature(fn).parameters

@@ -152,18 +152,22 @@ def selection_cost(flags: jax.Array, costs: jax.Array) -> jax.Array:
 
   ``costs`` are the groups' shares of the forward pass (input side first,
   summing to 1); an SGD step is one forward and a backward of twice its
-  cost (3 units). With the clean pass over every layer and the perturbed
+  cost, less the input gradient of the first group, which nothing needs
+  (``3 - c_0`` units). With the clean pass over every layer and the perturbed
   pass restricted to the selection (``unselected="clean"``), the perturbed
   pass re-runs the forward from the deepest selected group ``d`` up
   (XLA shares the part below with the clean pass), propagates the
   cotangent down to ``d`` (the input-gradient products of the groups above
   it) and forms the weight gradients of the selected groups only::
 
-    cost = 1 + (sum_{j>=d} c_j + sum_{j>d} c_j + sum_{j in S} c_j) / 3
+    cost = 1 + (sum_{j>=d} c_j + sum_{j>d} c_j + sum_{j in S} c_j)
+               / (3 - c_0)
 
-  An empty selection costs 1 (an SGD step). Dense layers match this model
-  closely (their three products each cost about a forward); measured ratios
-  are reported by ``benchmarks/cost.py``.
+  An empty selection costs 1 (an SGD step). The model counts the matrix
+  products only (a dense layer's three products each cost about a
+  forward); on an MLP XLA's compiled FLOPs ran within 0.02 of it
+  (``tests/test_frontier.py``), and measured wall-time ratios are reported
+  by ``benchmarks/cost.py``.
   """
   flags = jnp.asarray(flags, bool)
   costs = jnp.asarray(costs, jnp.float32)
@@ -173,7 +177,7 @@ def selection_cost(flags: jax.Array, costs: jax.Array) -> jax.Array:
   above = jnp.sum(jnp.where(idx >= deepest, costs, 0.0))
   strictly = jnp.sum(jnp.where(idx > deepest, costs, 0.0))
   own = jnp.sum(jnp.where(flags, costs, 0.0))
-  return 1.0 + (above + strictly + own) / 3.0
+  return 1.0 + (above + strictly + own) / (3.0 - costs[0])
 
 
 def budget_mask(score: jax.Array, k: Any, costs: jax.Array,
@@ -194,7 +198,8 @@ def budget_mask(score: jax.Array, k: Any, costs: jax.Array,
   idx = jnp.arange(n)
   suffix = jnp.cumsum(costs[::-1])[::-1]  # sum_{j>=d} c_j
   strictly = jnp.concatenate([suffix[1:], jnp.zeros([1], jnp.float32)])
-  base = 1.0 + (suffix + strictly + costs) / 3.0  # cost of {d} alone
+  unit = 3.0 - costs[0]  # an SGD step
+  base = 1.0 + (suffix + strictly + costs) / unit  # cost of {d} alone
   room = budget - base  # what the groups above d may add
   cand = idx[None, :] > idx[:, None]  # [d, j]: j above d
   ratio = score / jnp.maximum(costs, 1e-12)
@@ -202,7 +207,7 @@ def budget_mask(score: jax.Array, k: Any, costs: jax.Array,
   order = jnp.argsort(-keyed, axis=1, stable=True)
   c_sorted = jnp.take_along_axis(jnp.broadcast_to(costs, (n, n)), order, 1)
   ok_sorted = jnp.take_along_axis(cand, order, 1)
-  cum = jnp.cumsum(jnp.where(ok_sorted, c_sorted, 0.0) / 3.0, axis=1)
+  cum = jnp.cumsum(jnp.where(ok_sorted, c_sorted, 0.0) / unit, axis=1)
   rank = jnp.arange(n)[None, :]
   take_sorted = ok_sorted & (cum <= room[:, None] + 1e-6) & (rank < k - 1)
   take = jnp.zeros((n, n), bool).at[jnp.arange(n)[:, None], order].set(
