@@ -5,6 +5,8 @@ Pass a schedule (and optionally a mixer) to a method's ``schedule=``
 (``optax_sam.sam``, ``layerwise_sam``, ``arsam``, ``looksam``,
 ``sharpness_aware``). ARSAM's adaptive rule and PSF mixer and LookSAM's
 orthogonal mixer are defined with those methods and re-exported here.
+Periodic SAM is ``recompute_every(k)`` with :func:`plain_mixer`; SAM late in
+training is :func:`late_phase` with :func:`plain_mixer`.
 """
 
 from optax_sam._src.arsam import AdaptiveScheduleState
@@ -22,6 +24,7 @@ from optax_sam._src.schedules import recompute_always
 from optax_sam._src.schedules import recompute_every
 from optax_sam._src.schedules import recompute_never
 from optax_sam._src.schedules import recompute_with_probability
+from optax_sam._src.schedules import target_fraction_bounds
 
 __all__ = (
     "AdaptiveScheduleState",
@@ -39,4 +42,5 @@ __all__ = (
     "recompute_every",
     "recompute_never",
     "recompute_with_probability",
+    "target_fraction_bounds",
 )
