@@ -368,3 +368,36 @@ def test_family_is_registered_in_the_benchmarks():
     assert name in methods_lib.names()
     tx = methods_lib.build(name, optax.sgd(0.1)).tx
     assert isinstance(tx.init(params), optax_sam.SharpnessAwareState)
+
+
+@pytest.mark.parametrize("name", ["fsam", "msam"])
+def test_stateful_perturbations_stay_replicated_under_shard_map(name):
+  # shard_map with out_specs=P() and check_vma refuses a state that varies
+  # over devices: the average / momentum must be the same on every device
+  # (each device ascends with its own shard's gradient).
+  import functools  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  from _util import N_DEV, stack  # pylint: disable=g-import-not-at-top
+  if jax.device_count() < N_DEV:
+    pytest.skip("needs 8 devices (conftest.py)")
+  p, _, _ = setup()
+  x, y = reference.make_data(1, n=4 * N_DEV)
+  make = {"fsam": optax_sam.fsam, "msam": optax_sam.msam}[name]
+  tx = make(optax.sgd(LR, momentum=MOM), axis_name="dev")
+  step = optax_sam.make_update(tx, jax_loss)
+  mesh = Mesh(np.array(jax.devices()[:N_DEV]), ("dev",))
+
+  @jax.jit
+  @functools.partial(jax.shard_map, mesh=mesh,
+                     in_specs=(P(), P(), P("dev"), P("dev")),
+                     out_specs=(P(), P()))
+  def train(q, st, xb, yb):
+    for _ in range(2):
+      _, u, st = step(q, st, xb[0], yb[0])
+      q = optax.apply_updates(q, u)
+    return q, st
+
+  params = to_jax(p)
+  out, state = train(params, tx.init(params), stack(x), stack(y))
+  assert all(np.all(np.isfinite(np.asarray(a))) for a in jax.tree.leaves(
+      (out, state.perturbation_state)))

@@ -58,10 +58,16 @@ class FriendlyPerturbationState(NamedTuple):
 
 
 def friendly_perturbation(rho: perturb_lib.ScalarOrSchedule = 0.05,
-                          sigma: float = 1.0, lmbda: float = 0.9
+                          sigma: float = 1.0, lmbda: float = 0.9, *,
+                          axis_name: Optional[str] = None
                           ) -> optax.GradientTransformation:
   """F-SAM's ascent: ``rho d / ||d||``, ``d = g - sigma m`` (module
-  docstring), updating the moving average ``m``."""
+  docstring), updating the moving average ``m``.
+
+  With ``axis_name`` the average is of the gradients averaged over that
+  axis (so it is the same on every device, as the authors' DDP runs
+  average gradients before it), while ``d`` subtracts it from each
+  device's own gradient."""
   sigma = args_lib.check_number(sigma, "sigma", 0.0)
   lmbda = args_lib.check_number(lmbda, "lmbda", 0.0, 1.0)
   scale = perturb_lib.sam_perturbation(rho)
@@ -76,9 +82,11 @@ def friendly_perturbation(rho: perturb_lib.ScalarOrSchedule = 0.05,
     d = jax.tree.map(
         lambda g, m: (_f32(g) - sigma * _f32(m)).astype(g.dtype), updates,
         state.average)
+    g_avg = (updates if axis_name is None
+             else jax.lax.pmean(updates, axis_name))
     avg = jax.tree.map(
         lambda g, m: jnp.where(first, _f32(g), lmbda * _f32(m) + (
-            1 - lmbda) * _f32(g)).astype(m.dtype), updates, state.average)
+            1 - lmbda) * _f32(g)).astype(m.dtype), g_avg, state.average)
     eps, radius = scale.update(d, state.radius, params)
     return eps, FriendlyPerturbationState(
         avg, optax.safe_increment(state.count), radius)
@@ -110,7 +118,8 @@ def fsam(
     lmbda: the moving average's decay, in ``[0, 1]``.
     executor: see :func:`optax_sam.sharpness_aware`.
     axis_name: mapped axis to average the descent gradient over.
-    sync_ascent: also average the ascent gradient (and so the average).
+    sync_ascent: also average the ascent gradient. Either way the moving
+      average is of the averaged gradients (the same on every device).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a
@@ -122,5 +131,8 @@ def fsam(
     <https://arxiv.org/abs/2403.12350>`_, CVPR 2024.
   """
   return engine.sharpness_aware(
-      optimizer, friendly_perturbation(rho, sigma, lmbda), executor=executor,
+      optimizer,
+      friendly_perturbation(rho, sigma, lmbda,
+                            axis_name=axis_name if not sync_ascent else None),
+      executor=executor,
       axis_name=axis_name, sync_ascent=sync_ascent)

@@ -25,6 +25,9 @@ gsam.py``) differ, the code is followed:
   ``lr_t < lr_min`` (during a warm-up from 0) and can go negative; here it
   is clipped at 0 (a step with radius 0 is not perturbed), the one
   deviation from the code;
+* with data parallelism (``axis_name``) the decomposition here is of the
+  gradients averaged over devices; the code decomposes each worker's and
+  averages the results;
 * the defaults are the code's ImageNet ViT config
   (``configs/proj/gsam/vit_i1k_gsam_no_aug.py``): ``rho_max=0.6,
   rho_min=0.1, alpha=0.6``; ``rho_max == rho_min`` and ``alpha=0`` is SAM.
