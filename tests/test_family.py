@@ -323,11 +323,12 @@ def _micro(x, y, m):
       np.split(np.roll(y, 3 * s, axis=0), len(y) // m))]
 
 
-@pytest.mark.parametrize("m,jit,steps", [(1, True, 3), (4, True, 3),
-                                         (4, False, 1)])
-def test_m_sharpness_matches_numpy_reference(m, jit, steps):
+@pytest.mark.parametrize("m,jit,steps,loop", [
+    (1, True, 3, "vmap"), (4, True, 3, "vmap"), (4, False, 1, "vmap"),
+    (1, True, 3, "map")])
+def test_m_sharpness_matches_numpy_reference(m, jit, steps, loop):
   p, x, y = setup()
-  tx = optax_sam.sam(sgd(), rho=0.1, m=m)
+  tx = optax_sam.sam(sgd(), rho=0.1, m=m, micro_batch_loop=loop)
   got, _ = _run(tx, to_jax(p), x, y, "c2", steps, jit=jit)
   want = reference.run_sam_momentum(p, _micro(x, y, m), steps, LR, MOM, 0.1)
   _close(got, want)

@@ -126,7 +126,7 @@ def per_example_loss(loss_fn: Callable[..., Any], has_aux: bool = False,
 def per_micro_batch(make: Callable[[optax.GradientTransformation],
                                    optax.GradientTransformationExtraArgs],
                     optimizer: optax.GradientTransformation, m: int, *,
-                    batch_argnums: ArgNums = None
+                    batch_argnums: ArgNums = None, loop: str = "vmap"
                     ) -> optax.GradientTransformationExtraArgs:
   """m-sharpness: the ascent and perturbed pass per micro-batch of ``m``.
 
@@ -137,6 +137,14 @@ def per_micro_batch(make: Callable[[optax.GradientTransformation],
   averaged over the micro-batches and ``optimizer`` consumes the average.
   ``m`` equal to the batch size is the engine on the whole batch.
 
+  ``loop="vmap"`` (default) runs the micro-batches side by side: each has
+  its own copy of the perturbed parameters, and the dense layers become
+  batched products (``B // m`` copies of the weights: memory-bound for
+  small ``m``). ``loop="map"`` runs them one after the other
+  (``lax.scan``, the descent summed in its carry): one copy of the weights
+  at a time, ordinary products on ``m`` rows; same FLOPs and results (up
+  to summation order).
+
   C2 only (the batch is split by the library). The C2 loss is the mean of
   the micro-batches' clean losses; the aux has a leading micro-batch axis
   ``[B // m]``. The state is the engine's
@@ -146,6 +154,8 @@ def per_micro_batch(make: Callable[[optax.GradientTransformation],
   """
   from optax_sam._src import engine as engine_lib  # pylint: disable=g-import-not-at-top
   m = args_lib.check_int(m, "m", 1)
+  if loop not in ("vmap", "map"):
+    raise ValueError(f"loop must be 'vmap' or 'map', got {loop!r}.")
   optimizer = engine_lib.as_extra_args(optimizer)
   inner = make(optax.identity())
 
@@ -174,10 +184,28 @@ def per_micro_batch(make: Callable[[optax.GradientTransformation],
       loss, aux = oracle.value
       return descent, st, loss, aux
 
-    descent, states, losses, aux = jax.vmap(one, in_axes=axes)(*micro)
-    descent = jax.tree.map(
-        lambda d: jnp.mean(d.astype(jnp.float32), axis=0).astype(d.dtype),
-        descent)
+    if loop == "vmap":
+      descent, states, losses, aux = jax.vmap(one, in_axes=axes)(*micro)
+      descent = jax.tree.map(
+          lambda d: jnp.mean(d.astype(jnp.float32), axis=0).astype(d.dtype),
+          descent)
+    else:  # a scan whose carry sums the descent (nothing params-sized stacked)
+      batched = tuple(a for i, a in enumerate(micro) if i in nums)
+      count = jax.tree.leaves(batched)[0].shape[0]
+
+      def body(total, xs):
+        it = iter(xs)
+        d, st, loss, aux_j = one(*(next(it) if i in nums else a
+                                   for i, a in enumerate(micro)))
+        total = jax.tree.map(lambda t, x: t + x.astype(jnp.float32), total,
+                             d)
+        return total, (st, loss, aux_j)
+
+      zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), jnp.float32),
+                           params)
+      total, (states, losses, aux) = jax.lax.scan(body, zeros, batched)
+      descent = jax.tree.map(lambda t, x: (t / count).astype(x.dtype), total,
+                             params)
     first = jax.tree.map(lambda x: x[0], states)
     new_updates, opt_state = optimizer.update(descent, state.opt_state,
                                               params, **extra_args)

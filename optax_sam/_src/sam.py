@@ -57,6 +57,7 @@ def sam(
     perturb: groups_lib.MaskOrFn = None,
     m: Optional[int] = None,
     batch_argnums: Optional[tuple[int, ...]] = None,
+    micro_batch_loop: str = "vmap",
 ) -> optax.GradientTransformationExtraArgs:
   """Sharpness-Aware Minimization (SAM).
 
@@ -109,6 +110,10 @@ def sam(
       whole batch, one ascent. Not with ``policy`` or ``schedule``.
     batch_argnums: with ``m``: the positional arguments of ``loss_fn``
       (after params) that hold the batch (default all).
+    micro_batch_loop: with ``m``: ``"vmap"`` (the micro-batches side by
+      side) or ``"map"`` (one after the other, ``lax.scan``: one copy of the
+      perturbed weights at a time; faster on the CPU for small ``m``, see
+      ``benchmarks/results/family_cost.json``).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a
@@ -133,7 +138,7 @@ def sam(
             mask=mask, perturb=perturb, unselected=unselected, alpha=alpha,
             executor=executor, labels=labels, order=order,
             axis_name=axis_name, sync_ascent=sync_ascent),
-        optimizer, m, batch_argnums=batch_argnums)
+        optimizer, m, batch_argnums=batch_argnums, loop=micro_batch_loop)
   return engine.sharpness_aware(
       optimizer,
       perturb_lib.sam_perturbation(rho, per_layer=per_layer, labels=labels),
