@@ -230,53 +230,6 @@ def _fsam(base, rho=0.05, sigma=1.0, lmbda=0.9, **hp):
 
 
 @register("sam_m")
-def _sam_m(base, rho=0.05, m=1, **hp):
-  """SAM with the ascent per micro-batch of m examples (m=1: per example,
-  Baek et al. 2024); ``sam_m@m=16`` for another m."""
-  return Method(optax_sam.sam(base, rho=rho, m=m, **hp), None,
-                dict(rho=rho, m=m, **hp))
-
-
-# The SAM family (issue 17), each with its paper's / code's defaults.
-@register("gsam")
-def _gsam(base, rho_max=0.05, rho_min=0.05, alpha=0.3, **hp):
-  # A constant radius by default (the harness's learning rate is constant);
-  # rho_max=0.6, rho_min=0.1, alpha=0.6 are the ViT/ImageNet config's.
-  return Method(optax_sam.gsam(base, rho_max, rho_min, alpha, **hp), None,
-                dict(rho_max=rho_max, rho_min=rho_min, alpha=alpha, **hp))
-
-
-@register("msam")
-def _msam(base, rho=0.3, mu=0.9, **hp):
-  return Method(optax_sam.msam(base, rho=rho, mu=mu, **hp), None,
-                dict(rho=rho, mu=mu, **hp))
-
-
-@register("sam_on")
-def _sam_on(base, rho=0.05, **hp):
-  # Needs a model with normalization layers (BatchNorm/LayerNorm): the MLP
-  # and SmallCNN have none, and raise a clear error.
-  return Method(optax_sam.sam_on(base, rho=rho, **hp), None,
-                dict(rho=rho, **hp))
-
-
-@register("esam")
-def _esam(base, rho=0.05, beta=0.5, gamma=0.5, **hp):
-  # The harness's loss is a mean: ESAM takes per-example losses from it by
-  # vmap (its models have no BatchNorm in the training losses used here).
-  hp.setdefault("per_example_from_mean", True)
-  return Method(optax_sam.esam(base, rho=rho, beta=beta, gamma=gamma, **hp),
-                None, dict(rho=rho, beta=beta, gamma=gamma, **hp))
-
-
-@register("fsam")
-def _fsam(base, rho=0.05, sigma=1.0, lmbda=0.9, **hp):
-  return Method(optax_sam.fsam(base, rho=rho, sigma=sigma, lmbda=lmbda,
-                               **hp), None,
-                dict(rho=rho, sigma=sigma, lmbda=lmbda, **hp))
-
-
-@register("sam_m")
 def _sam_m(base, rho=0.05, m=1, micro_batch_loop="map", **hp):
   """SAM with the ascent per micro-batch of m examples (m=1: per example,
   Baek et al. 2024); ``sam_m@m=16`` for another m. The micro-batches run
