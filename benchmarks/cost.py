@@ -247,8 +247,10 @@ def compiled_cost(fn, *args) -> dict[str, float]:
   out = {"flops": float(ca.get("flops", float("nan"))),
          "bytes_accessed": float(ca.get("bytes accessed", float("nan"))),
          "compile_s": compile_s,
-         # XLA's cost analysis counts a conditional as its costliest branch.
-         "conditional": "stablehlo.case" in text or "stablehlo.if" in text}
+         # XLA's cost analysis counts a conditional as its costliest branch,
+         # and a loop's body once (not times its trip count).
+         "conditional": "stablehlo.case" in text or "stablehlo.if" in text,
+         "loop": "stablehlo.while" in text}
   try:
     mem = compiled.memory_analysis()
     out["temp_bytes"] = float(mem.temp_size_in_bytes)

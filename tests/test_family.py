@@ -92,14 +92,14 @@ def test_gsam_matches_numpy_reference(path, jit, steps):
 
 
 def test_gsam_radius_never_negative():
-  rho = optax_sam._src.gsam.lr_tied_rho(0.05, 0.01, LR_SCHED, 0.1, 0.04)
+  rho = optax_sam.perturbations.lr_tied_rho(0.05, 0.01, LR_SCHED, 0.1, 0.04)
   values = np.array([float(rho(t)) for t in range(8)])
   assert np.all(values >= 0) and values[0] == 0.0
   # the line itself, where lr >= lr_min
   np.testing.assert_allclose(values[2], 0.05, rtol=1e-6)
   np.testing.assert_allclose(
       values[5], 0.01 + 0.04 * (float(LR_SCHED(5)) - 0.04) / 0.06, rtol=1e-5)
-  const = optax_sam._src.gsam.lr_tied_rho(0.05, 0.01, 0.1, 0.1, 0.1)
+  const = optax_sam.perturbations.lr_tied_rho(0.05, 0.01, 0.1, 0.1, 0.1)
   assert float(const(3)) == pytest.approx(0.05)  # lr_max == lr_min
 
 
@@ -110,7 +110,7 @@ def test_gsam_alpha_zero_is_sam():
 def test_gsam_descent_is_orthogonal_correction():
   g = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([0.5])}
   ga = {"a": jnp.array([0.0, 1.0]), "b": jnp.array([2.0])}
-  d = optax_sam._src.gsam.gsam_descent(0.5)(g, ga)
+  d = optax_sam.perturbations.gsam_descent(0.5)(g, ga)
   flat = lambda t: np.concatenate([np.ravel(v) for v in jax.tree.leaves(t)])
   perp = flat(g) - flat(g) @ flat(ga) / (flat(ga) @ flat(ga)) * flat(ga)
   np.testing.assert_allclose(flat(d), flat(ga) - 0.5 * perp, rtol=1e-6)
