@@ -422,6 +422,8 @@ def sharpness_aware(
     return reuses and policy is None and mask is None
 
   def init_fn(params):
+    # nnx.Optimizer inits on Param-wrapped state, updates on pure state.
+    params = args_lib.unwrap_flax_variables(params)
     groups = groups_of(params)
     num = groups.num_groups
     sched_state = schedule.init(args_lib.as_key(0 if seed is None else seed))
