@@ -440,12 +440,14 @@ def sharpness_aware(
         perturbation_state=perturbation.init(params),
         policy=pstate,
         schedule=sched_state,
-        stored=jax.tree.map(jnp.zeros_like, params) if reuses else (),
+        stored=(jax.tree.map(jnp.zeros_like, params)
+                if reuses and mixer.stores else ()),
         age=jnp.zeros([], jnp.int32),
         count=jnp.zeros([], jnp.int32),
         recomputes=jnp.zeros([], jnp.int32),
         recomputed=jnp.zeros([], jnp.bool_),
-        next_recompute=jnp.ones([], jnp.bool_),
+        next_recompute=jnp.asarray(decision(sched_state, jnp.zeros(
+            [], jnp.int32)), jnp.bool_),
         last_selection=selection,
         branch=jnp.zeros([], jnp.int32),
         branch_counts=jnp.zeros([plan(num, sched_state).num_branches],
@@ -460,6 +462,8 @@ def sharpness_aware(
     pred = schedule.decide(sched_state)
     if schedules_lib.is_static(pred):
       return pred
+    if not mixer.stores:
+      return jnp.asarray(pred, jnp.bool_)
     # Nothing is stored before the first recompute.
     return jnp.logical_or(jnp.asarray(pred, jnp.bool_), recomputes == 0)
 
@@ -593,7 +597,10 @@ def sharpness_aware(
       if descent_fn is not None:
         descent = jax.tree.map(lambda a, d: d.astype(a.dtype), g_adv,
                                descent_fn(g_bar, descent))
-      if reuses:
+      if reuses and not mixer.stores:
+        stored = state.stored
+        rstats = schedules_lib.ReuseStats(zero, zero)
+      elif reuses:
         stored = jax.tree.map(lambda s, x: x.astype(s.dtype), state.stored,
                               mixer.store(g_bar, descent))
         # A non-finite stored component (a NaN batch, or g_sam - g
