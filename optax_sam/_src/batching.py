@@ -180,6 +180,11 @@ def per_micro_batch(make: Callable[[optax.GradientTransformation],
     def one(*args_j):
       oracle = step_lib.LossOracle(grad_fn.loss_fn, grad_fn.has_aux, args_j,
                                    grad_fn.branch_loss_fn)
+      # A loop body is a conditional for XLA's CPU convolution backward (as
+      # slow there): its passes take the branch rule (make_update's
+      # conv_backward), as a lax.cond branch's do.
+      oracle.conditional_depth = grad_fn.conditional_depth + (
+          loop == "map")
       descent, st = inner.update(None, inner_state, params, grad_fn=oracle)
       loss, aux = oracle.value
       return descent, st, loss, aux
