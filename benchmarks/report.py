@@ -582,13 +582,33 @@ def _pareto_axes(ax, points, missing, what: str) -> None:
   offsets = [(5, 4, "left"), (5, -11, "left"), (-5, 4, "right"),
              (-5, -11, "right"), (5, 14, "left"), (5, -21, "left")]
   i = 0
+  markers = ("o", "s", "^", "D", "v", "P", "X")
   for m, (x, y, e) in points.items():  # the summary's order, in the legend
+    marker = "o"
     if m not in colors:
       colors[m] = cycle[i % len(cycle)]
+      marker = markers[(i // len(cycle)) % len(markers)]
       i += 1
-    ax.errorbar([x], [100 * y], yerr=[100 * e], fmt="o", ms=6, capsize=3,
+    ax.errorbar([x], [100 * y], yerr=[100 * e], fmt=marker, ms=6, capsize=3,
                 color=colors[m], label=m, zorder=3)
+  if max(xs) / max(min(xs), 1e-9) > 4:  # e.g. 1-SAM at 7x: keep 1-2x legible
+    from matplotlib import ticker  # pylint: disable=g-import-not-at-top
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(ticker.FixedLocator(
+        [t for t in (1, 1.5, 2, 3, 5, 8, 12, 20) if t <= max(xs) * 1.2]))
+    ax.xaxis.set_major_formatter(ticker.FormatStrFormatter("%gx"))
+    ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+  # Many points: label SGD, SAM and the frontier (no other point is both
+  # cheaper and better); the legend names the rest.
+  labelled = set(points)
+  if len(points) > 10:
+    labelled = {m for m, (x, y, _) in points.items()
+                if m in ("sgd", "sam") or not any(
+                    (x2 <= x and y2 > y) or (x2 < x and y2 >= y)
+                    for m2, (x2, y2, _) in points.items() if m2 != m)}
   for m, (x, y, e) in sorted(points.items(), key=lambda kv: kv[1][0]):
+    if m not in labelled:
+      continue
     px, py = norm(x, 100 * y)
     for dx, dy, ha in offsets:
       # Offsets in points to axes fractions (a ~6.4x4.8 inch panel).
@@ -616,6 +636,8 @@ def _pareto_axes(ax, points, missing, what: str) -> None:
                  f"{100 * BAND_GAIN * sam[1]:+.2f} pp" + (
                      "" if sam[1] > 0 else
                      " (SAM gains nothing: no acceptance band)"))
+  if len(labelled) < len(points):
+    notes.append("labelled: SGD, SAM and the frontier; the legend names all")
   if missing:
     notes.append("not plotted (no time or gain): " + ", ".join(missing))
   ax.set_title("\n".join([what] + notes), fontsize=9)
