@@ -102,7 +102,7 @@ def _arsam(base, rho=0.05, driver="host", **hp):
 
 
 @register("looksam")
-def _looksam(base, rho=0.05, every=5, alpha=0.7, driver="host", **hp):
+def _looksam(base, rho=0.05, every=5, alpha=0.1, driver="host", **hp):
   return Method(optax_sam.looksam(base, rho=rho, every=every, alpha=alpha,
                                   **hp), None,
                 dict(rho=rho, every=every, alpha=alpha, driver=driver, **hp),
