@@ -55,8 +55,8 @@ def test_late_phase_bad_arguments():
     S.late_phase(10, then="always")
 
 
-@pytest.mark.parametrize("jit", [True, False])
-@pytest.mark.parametrize("path", ["c1", "c2"])
+@pytest.mark.parametrize("jit,path", [(True, "c1"), (True, "c2"),
+                                      (False, "c2")])
 def test_late_sam_trajectory_matches_numpy(jit, path):
   """SGD with momentum on the clean gradient before ``start``, on SAM's
   gradient from then on (every ``every``-th step), nothing stored: against
@@ -178,7 +178,8 @@ def _np_greedy(score, k, c, budget):
 def test_budget_mask_matches_reference_and_brute_force():
   rng = np.random.default_rng(1)
   mask = jax.jit(P.budget_mask)
-  for _ in range(60):
+  cost = jax.jit(P.selection_cost)
+  for _ in range(40):
     n = int(rng.integers(1, 6))
     c = rng.random(n) + 0.01
     c /= c.sum()
@@ -188,7 +189,7 @@ def test_budget_mask_matches_reference_and_brute_force():
     got = np.asarray(mask(jnp.asarray(score, jnp.float32), k,
                           jnp.asarray(c, jnp.float32), budget))
     np.testing.assert_array_equal(got, _np_greedy(score, k, c, budget))
-    assert float(P.selection_cost(jnp.asarray(got), jnp.asarray(c))) == (
+    assert float(cost(jnp.asarray(got), jnp.asarray(c, jnp.float32))) == (
         pytest.approx(_np_cost(got, c), abs=1e-5))
     feasible = [s for r in range(1, k + 1)
                 for s in itertools.combinations(range(n), r)
