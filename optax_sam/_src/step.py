@@ -55,8 +55,6 @@ def _check_same_structure(tree: PyTree, params: PyTree, what: str,
   arguments.check_same_structure(tree, params, what, hint)
 
 
-
-
 def _flags(wrt: Optional[Mask], params: PyTree) -> list[bool]:
   n = jax.tree.structure(params).num_leaves
   return [True] * n if wrt is None else [bool(f) for f in jax.tree.leaves(wrt)]
