@@ -50,16 +50,20 @@ from benchmarks import train as train_lib
 # ------------------------------------------------------------------ tasks
 
 
-def digits_task(epochs: int, noise: float = 0.2) -> train_lib.Task:
-  """scikit-learn digits (8x8), symmetric label noise on training labels."""
+def digits_task(epochs: int, noise: float = 0.2,
+                layer_norm: bool = False) -> train_lib.Task:
+  """scikit-learn digits (8x8), symmetric label noise on training labels;
+  ``layer_norm``: the MLP with a LayerNorm after each hidden layer."""
   from benchmarks import data  # pylint: disable=g-import-not-at-top
   from optax_sam.models.vision import MLP  # pylint: disable=g-import-not-at-top
 
   def load(seed):
     return data.load_digits(label_noise=noise, seed=seed)
 
-  return train_lib.Task(f"digits_noise{noise:g}", load,
-                        lambda: MLP(hidden=(128, 128)), epochs, 64, 0.05)
+  return train_lib.Task(f"digits_noise{noise:g}" + ("_ln" if layer_norm
+                                                    else ""), load,
+                        lambda: MLP(hidden=(128, 128), layer_norm=layer_norm),
+                        epochs, 64, 0.05)
 
 
 def fashion_task(epochs: int, train_examples: Optional[int] = None,
@@ -157,6 +161,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     "frontier_digits": {"tasks": lambda: [digits_task(40)],
                         "seeds": [0, 1, 2, 3, 4], "methods": "sgd,sam",
                         "cost_rounds": 5},
+    # SAM-ON needs normalization layers: the same MLP with LayerNorms.
+    "frontier_digits_ln": {"tasks": lambda: [digits_task(40,
+                                                         layer_norm=True)],
+                           "seeds": [0, 1, 2], "methods": "sgd,sam,sam_on",
+                           "cost_rounds": 5},
     "frontier_mlp": {"tasks": lambda: [fashion_mlp_task(60,
                                                         label_noise=0.2)],
                      "seeds": [0, 1, 2], "methods": "sgd,sam",

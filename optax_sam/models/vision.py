@@ -67,9 +67,12 @@ class MLP(nn.Module):
   Attributes:
     hidden: widths of the hidden layers.
     num_classes: number of output logits.
+    layer_norm: a LayerNorm (``norm0 ..``) after each hidden layer's dense
+      (for SAM-ON, which perturbs normalization parameters only).
   """
   hidden: Sequence[int] = (256, 256)
   num_classes: int = 10
+  layer_norm: bool = False
 
   @nn.compact
   def __call__(self, x: Array, train: bool = False) -> Array:
@@ -79,6 +82,8 @@ class MLP(nn.Module):
     for i, w in enumerate(widths):
       x = nn.Dense(w, name=depth_name("dense", i, len(widths)))(x)
       if i < len(widths) - 1:
+        if self.layer_norm:
+          x = nn.LayerNorm(name=depth_name("norm", i, len(widths) - 1))(x)
         x = nn.relu(x)
     return x
 
