@@ -147,7 +147,8 @@ def test_compiled_flops_per_branch():
 
 def test_pmap_replicas_identical_and_match_reference():
   p, x, y = device_data()
-  tx = optax_sam.looksam(optax.sgd(LR), rho=RHO, every=2, axis_name="dev")
+  tx = optax_sam.looksam(optax.sgd(LR), rho=RHO, every=2, alpha=0.7,
+                         axis_name="dev")
   train = jax.pmap(optax_sam.make_update(tx, jax_loss), axis_name="dev")
   params = to_jax(p)
   q, st = replicate(params), replicate(tx.init(params))
