@@ -112,7 +112,7 @@ POLICIES = {
 def test_executors_equal_dense(policy, restrict_descent):
   # The bandit draws a new selection most steps, and "specialize" compiles
   # one program per selection: 4 steps keep its case cheap.
-  steps = 4 if policy == "bandit" else 7
+  steps = 4 if policy == "bandit" else 5
   ref, ref_sels, _, _ = _train("dense", POLICIES[policy](), restrict_descent,
                                steps)
   assert len({tuple(s) for s in ref_sels}) > 1
