@@ -71,12 +71,8 @@ def cross_entropy(model):
 
 
 def accuracy(model, params, x, y, batch: int = 1000) -> float:
-  predict = jax.jit(lambda p, xb: jnp.argmax(model.apply({"params": p}, xb),
-                                             -1))
-  correct = 0
-  for i in range(0, len(x), batch):
-    correct += int(jnp.sum(predict(params, x[i:i + batch]) == y[i:i + batch]))
-  return correct / len(x)
+  """Test accuracy (:func:`evaluate`'s ``"acc"``)."""
+  return evaluate(model, params, x, y, batch)["acc"]
 
 
 def evaluate(model, params, x, y, batch: int = 1000,

@@ -597,10 +597,7 @@ def sharpness_aware(
       if descent_fn is not None:
         descent = jax.tree.map(lambda a, d: d.astype(a.dtype), g_adv,
                                descent_fn(g_bar, descent))
-      if reuses and not mixer.stores:
-        stored = state.stored
-        rstats = schedules_lib.ReuseStats(zero, zero)
-      elif reuses:
+      if reuses and mixer.stores:
         stored = jax.tree.map(lambda s, x: x.astype(s.dtype), state.stored,
                               mixer.store(g_bar, descent))
         # A non-finite stored component (a NaN batch, or g_sam - g
