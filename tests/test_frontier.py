@@ -142,65 +142,136 @@ def test_arsam_target_fraction_errors():
 # ---------------------------------------------------- cost-aware selection
 
 
-def _np_cost(flags, c):
+def _np_cost(flags, c, restrict="perturbed"):
   flags = np.asarray(flags, bool)
   if not flags.any():
     return 1.0
   d = int(np.argmax(flags))
+  if restrict == "both":  # each pass: whole forward, backward down to d
+    return 2 * (1 + c[d + 1:].sum() + c[flags].sum()) / (3 - c[0])
   return 1 + (c[d:].sum() + c[d + 1:].sum() + c[flags].sum()) / (3 - c[0])
 
 
-def _np_greedy(score, k, c, budget):
+def _np_greedy(score, k, c, budget, restrict="perturbed", allowed=None):
   """The documented rule, written independently: per deepest group d, add
   the groups above d by score per cost while the budget holds."""
   n = len(score)
+  allowed = np.ones(n, bool) if allowed is None else np.asarray(allowed)
   best, best_val = None, -np.inf
   for d in range(n):
-    sel = {d}
-    if _np_cost(np.isin(np.arange(n), list(sel)), c) > budget + 1e-6:
+    if not allowed[d]:
       continue
-    above = sorted(range(d + 1, n), key=lambda j: -score[j] / max(c[j], 1e-12))
-    used = _np_cost(np.isin(np.arange(n), [d]), c)
+    sel = [d]
+    used = _np_cost(np.arange(n) == d, c, restrict)
+    if used > budget + 1e-6:
+      continue
+    above = sorted((j for j in range(d + 1, n) if allowed[j]),
+                   key=lambda j: -score[j] / max(c[j], 1e-12))
     for j in above:
-      if len(sel) >= k or used + c[j] / (3 - c[0]) > budget + 1e-6:
+      more = _np_cost(np.isin(np.arange(n), sel + [j]), c, restrict)
+      if len(sel) >= k or more > budget + 1e-6:
         break
-      sel.add(j)
-      used += c[j] / (3 - c[0])
-    val = score[list(sel)].sum()
+      sel.append(j)
+      used = more
+    val = score[sel].sum()
     if val > best_val:
       best, best_val = sel, val
   if best is None:
-    base = [_np_cost(np.arange(n) == d, c) for d in range(n)]
-    best = {int(np.argmin(base))}
-  return np.isin(np.arange(n), sorted(best))
+    base = [_np_cost(np.arange(n) == d, c, restrict) for d in range(n)]
+    best = [int(np.argmin(base))]
+  return np.isin(np.arange(n), best)
 
 
-def test_budget_mask_matches_reference_and_brute_force():
+@pytest.mark.parametrize("restrict, masked", [("perturbed", False),
+                                              ("both", True)])
+def test_budget_mask_matches_reference_and_brute_force(restrict, masked):
   rng = np.random.default_rng(1)
-  mask = jax.jit(P.budget_mask)
-  cost = jax.jit(P.selection_cost)
+  mask = jax.jit(P.budget_mask, static_argnames="restrict")
+  cost = jax.jit(P.selection_cost, static_argnames="restrict")
   for _ in range(40):
     n = int(rng.integers(1, 6))
     c = rng.random(n) + 0.01
     c /= c.sum()
     score = rng.random(n) * 3
     k = int(rng.integers(1, n + 1))
-    budget = 1 + 0.8 * rng.random()
+    budget = (1 if restrict == "perturbed" else 0.5) + 0.8 * rng.random()
+    allowed = rng.random(n) < 0.6 if masked else np.ones(n, bool)
     got = np.asarray(mask(jnp.asarray(score, jnp.float32), k,
-                          jnp.asarray(c, jnp.float32), budget))
-    np.testing.assert_array_equal(got, _np_greedy(score, k, c, budget))
-    assert float(cost(jnp.asarray(got), jnp.asarray(c, jnp.float32))) == (
-        pytest.approx(_np_cost(got, c), abs=1e-5))
+                          jnp.asarray(c, jnp.float32), budget,
+                          restrict=restrict, allowed=jnp.asarray(allowed)))
+    np.testing.assert_array_equal(
+        got, _np_greedy(score, k, c, budget, restrict, allowed))
+    assert float(cost(jnp.asarray(got), jnp.asarray(c, jnp.float32),
+                      restrict=restrict)) == (
+        pytest.approx(_np_cost(got, c, restrict), abs=1e-5))
     feasible = [s for r in range(1, k + 1)
-                for s in itertools.combinations(range(n), r)
-                if _np_cost(np.isin(np.arange(n), s), c) <= budget + 1e-6]
-    if feasible:  # within budget and k whenever some selection is
-      assert got.sum() <= k and _np_cost(got, c) <= budget + 1e-5
+                for s in itertools.combinations(np.nonzero(allowed)[0], r)
+                if _np_cost(np.isin(np.arange(n), s), c, restrict)
+                <= budget + 1e-6]
+    if feasible:  # within budget, k and allowed whenever some selection is
+      assert got.sum() <= k and _np_cost(got, c, restrict) <= budget + 1e-5
+      assert not np.any(got & ~allowed)
       # greedy is close to the best: at least half of the optimum here
       opt = max(score[list(s)].sum() for s in feasible)
       assert score[got].sum() >= 0.5 * opt - 1e-6
     else:
       assert got.sum() == 1
+
+
+def test_bandit_budget_trims_the_draw_by_probability_per_cost():
+  """From one state and statistics, the budgeted bandit computes the same
+  probabilities and the same draw as the paper's rule, then keeps the drawn
+  arms the documented greedy keeps: a subset of the draw within budget."""
+  rng = np.random.default_rng(5)
+  n, budget = 6, 1.3
+  c = np.array([0.4, 0.02, 0.3, 0.02, 0.25, 0.01])
+  free = P.bandit(0.5, eta=0.05, seed=0)
+  tight = P.bandit(0.5, eta=0.05, seed=0, budget=budget, costs=c * 7.0)
+  upd_free, upd_tight = jax.jit(free.update), jax.jit(tight.update)
+  state = free.init(n, jax.random.PRNGKey(2))
+  trimmed = 0
+  for _ in range(30):
+    stats = P.LayerStats(jnp.asarray(rng.exponential(size=n), jnp.float32),
+                         jnp.ones(n, bool), jnp.ones(n, jnp.float32))
+    a, b = upd_free(state, stats), upd_tight(state, stats)
+    np.testing.assert_allclose(a.score, b.score)
+    drawn, kept = np.asarray(a.selection), np.asarray(b.selection)
+    want = _np_greedy(np.asarray(a.score), n, c, budget, "both", drawn)
+    np.testing.assert_array_equal(kept, want)
+    if any(_np_cost(np.arange(n) == j, c, "both") <= budget
+           for j in np.nonzero(drawn)[0]):
+      assert not np.any(kept & ~drawn)
+      assert _np_cost(kept, c, "both") <= budget + 1e-5
+    trimmed += int(kept.sum() < drawn.sum())
+    state = a
+  assert trimmed > 0, "some draws should exceed the budget"
+
+
+@pytest.mark.parametrize("jit", [True, False])
+def test_slsam_budget_steps_stay_within_budget_and_match_numpy(jit):
+  """slsam(budget=): every drawn subset's modelled cost is within the
+  budget, and the trajectory equals the numpy SL-SAM on those subsets."""
+  p, x, y = _util.setup(0)
+  tx = optax_sam.slsam(optax.sgd(0.1, momentum=0.9), rho=0.05, fraction=0.5,
+                       eta=1e-3, seed=4, budget=1.2)
+  state = tx.init(_util.to_jax(p))
+  step = _util.make_step(tx, "c2", jit)
+  sizes = np.array([np.size(v) for v in jax.tree.leaves(_util.to_jax(p))],
+                   np.float64)
+  c = sizes / sizes.sum()
+  params, got, sels = _util.to_jax(p), [], []
+  leaves = [path for path, _ in jax.tree_util.tree_flatten_with_path(
+      _util.to_jax(p))[0]]
+  for _ in range(4):
+    sel = np.asarray(state.policy.selection)
+    assert _np_cost(sel, c, "both") <= 1.2 + 1e-5
+    sels.append({tuple(k.key for k in leaves[i]) for i in np.nonzero(sel)[0]})
+    _, u, state = step(params, state, jnp.asarray(x), jnp.asarray(y))
+    params = optax.apply_updates(params, u)
+    got.append(params)
+  want = reference.run_slsam_momentum(p, x, y, sels, 0.1, 0.9, 0.05)
+  for a, b in zip(got, want):
+    _util.assert_trees_close(a, b, rtol=2e-5, atol=2e-6)
 
 
 def test_budget_moves_layerwise_off_the_input_layer_and_cuts_flops():

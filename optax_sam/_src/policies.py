@@ -147,21 +147,54 @@ def top_k_mask(score: jax.Array, k: int) -> jax.Array:
   return rank >= n - k
 
 
-def selection_cost(flags: jax.Array, costs: jax.Array) -> jax.Array:
+RESTRICTS = ("perturbed", "both")
+
+
+def _check_restrict(restrict: str) -> None:
+  if restrict not in RESTRICTS:
+    raise ValueError(f"unknown restrict {restrict!r}; choose from "
+                     f"{RESTRICTS}.")
+
+
+def _cost_terms(costs: jax.Array, restrict: str):
+  """(cost of {d} alone for each d, cost of adding a group above it per unit
+  of its share), in SGD steps, for :func:`selection_cost`'s model."""
+  suffix = jnp.cumsum(costs[::-1])[::-1]  # sum_{j>=d} c_j
+  strictly = jnp.concatenate([suffix[1:], jnp.zeros([1], jnp.float32)])
+  unit = 3.0 - costs[0]  # an SGD step
+  if restrict == "perturbed":
+    return 1.0 + (suffix + strictly + costs) / unit, 1.0 / unit
+  return 2.0 * (1.0 + strictly + costs) / unit, 2.0 / unit
+
+
+def selection_cost(flags: jax.Array, costs: jax.Array, *,
+                   restrict: str = "perturbed") -> jax.Array:
   """Modelled cost of a step that perturbs the groups ``flags``, in SGD steps.
 
   ``costs`` are the groups' shares of the forward pass (input side first,
   summing to 1); an SGD step is one forward and a backward of twice its
   cost, less the input gradient of the first group, which nothing needs
-  (``3 - c_0`` units). With the clean pass over every layer and the perturbed
-  pass restricted to the selection (``unselected="clean"``), the perturbed
-  pass re-runs the forward from the deepest selected group ``d`` up
-  (XLA shares the part below with the clean pass), propagates the
-  cotangent down to ``d`` (the input-gradient products of the groups above
-  it) and forms the weight gradients of the selected groups only::
+  (``3 - c_0`` units). With ``d`` the deepest selected group and ``S`` the
+  selection:
 
-    cost = 1 + (sum_{j>=d} c_j + sum_{j>d} c_j + sum_{j in S} c_j)
-               / (3 - c_0)
+  * ``restrict="perturbed"`` (the clean pass over every layer, the perturbed
+    pass restricted to the selection: ``unselected="clean"``, as
+    :func:`optax_sam.layerwise_sam`): the perturbed pass re-runs the
+    forward from ``d`` up (XLA shares the part below with the clean pass),
+    propagates the cotangent down to ``d`` (the input-gradient products of
+    the groups above it) and forms the weight gradients of ``S`` only::
+
+      cost = 1 + (sum_{j>=d} c_j + sum_{j>d} c_j + sum_{j in S} c_j)
+                 / (3 - c_0)
+
+  * ``restrict="both"`` (both passes restricted: ``unselected="zero"``, as
+    :func:`optax_sam.slsam`): each pass runs the whole forward (the gated
+    executor decides ``d`` at run time, so nothing below it is shared) and
+    the backward down to ``d`` with the weight gradients of ``S``::
+
+      cost = 2 (1 + sum_{j>d} c_j + sum_{j in S} c_j) / (3 - c_0)
+
+    which is below 1 (an SGD step) for a small selection near the output.
 
   An empty selection costs 1 (an SGD step). The model counts the matrix
   products only (a dense layer's three products each cost about a
@@ -169,55 +202,80 @@ def selection_cost(flags: jax.Array, costs: jax.Array) -> jax.Array:
   (``tests/test_frontier.py``), and measured wall-time ratios are reported
   by ``benchmarks/cost.py``.
   """
+  _check_restrict(restrict)
   flags = jnp.asarray(flags, bool)
   costs = jnp.asarray(costs, jnp.float32)
   n = flags.shape[0]
   idx = jnp.arange(n)
-  deepest = jnp.where(jnp.any(flags), jnp.argmax(flags), n)
-  above = jnp.sum(jnp.where(idx >= deepest, costs, 0.0))
-  strictly = jnp.sum(jnp.where(idx > deepest, costs, 0.0))
-  own = jnp.sum(jnp.where(flags, costs, 0.0))
-  return 1.0 + (above + strictly + own) / (3.0 - costs[0])
+  any_ = jnp.any(flags)
+  deepest = jnp.where(any_, jnp.argmax(flags), 0)
+  base, per = _cost_terms(costs, restrict)
+  others = jnp.sum(jnp.where(flags & (idx != deepest), costs, 0.0))
+  return jnp.where(any_, base[deepest] + per * others, 1.0)
 
 
 def budget_mask(score: jax.Array, k: Any, costs: jax.Array,
-                budget: Any) -> jax.Array:
+                budget: Any, *, restrict: str = "perturbed",
+                allowed: Optional[jax.Array] = None) -> jax.Array:
   """bool[L]: at most ``k`` groups of largest total ``score`` whose
-  :func:`selection_cost` stays within ``budget`` (SGD steps).
+  :func:`selection_cost` (with ``restrict``) stays within ``budget`` (SGD
+  steps), taken from the ``allowed`` groups (default: all).
 
   For each possible deepest group ``d`` the selection is ``d`` plus, among
   the groups above it, those of largest score per unit of cost (greedy) while
   the cost stays within the budget; the best such selection by total score
-  wins. When no selection fits, the single cheapest group is selected (the
-  budget cannot be met by selection alone: combine with a recompute
-  schedule). NaN scores count as 0. Jit-traceable.
+  wins. When no selection fits, the single cheapest group is selected,
+  allowed or not (the budget cannot be met by selection alone: combine with
+  a recompute schedule). NaN scores count as 0. Jit-traceable.
   """
+  _check_restrict(restrict)
   n = score.shape[0]
   score = jnp.where(jnp.isnan(score), 0.0, jnp.asarray(score, jnp.float32))
   costs = jnp.asarray(costs, jnp.float32)
+  allowed = (jnp.ones(n, bool) if allowed is None
+             else jnp.asarray(allowed, bool))
   idx = jnp.arange(n)
-  suffix = jnp.cumsum(costs[::-1])[::-1]  # sum_{j>=d} c_j
-  strictly = jnp.concatenate([suffix[1:], jnp.zeros([1], jnp.float32)])
-  unit = 3.0 - costs[0]  # an SGD step
-  base = 1.0 + (suffix + strictly + costs) / unit  # cost of {d} alone
+  base, per = _cost_terms(costs, restrict)  # cost of {d} alone
   room = budget - base  # what the groups above d may add
-  cand = idx[None, :] > idx[:, None]  # [d, j]: j above d
+  cand = (idx[None, :] > idx[:, None]) & allowed[None, :]  # [d, j]: j above d
   ratio = score / jnp.maximum(costs, 1e-12)
   keyed = jnp.where(cand, ratio[None, :], -jnp.inf)
   order = jnp.argsort(-keyed, axis=1, stable=True)
   c_sorted = jnp.take_along_axis(jnp.broadcast_to(costs, (n, n)), order, 1)
   ok_sorted = jnp.take_along_axis(cand, order, 1)
-  cum = jnp.cumsum(jnp.where(ok_sorted, c_sorted, 0.0) / unit, axis=1)
+  cum = jnp.cumsum(jnp.where(ok_sorted, c_sorted, 0.0) * per, axis=1)
   rank = jnp.arange(n)[None, :]
   take_sorted = ok_sorted & (cum <= room[:, None] + 1e-6) & (rank < k - 1)
   take = jnp.zeros((n, n), bool).at[jnp.arange(n)[:, None], order].set(
       take_sorted)
   take = take | (idx[None, :] == idx[:, None])  # d itself
   value = jnp.sum(jnp.where(take, score[None, :], 0.0), axis=1)
-  feasible = room >= -1e-6
+  feasible = (room >= -1e-6) & allowed
   best = jnp.argmax(jnp.where(feasible, value, -jnp.inf))
   cheapest = jnp.zeros(n, bool).at[jnp.argmin(base)].set(True)
   return jnp.where(jnp.any(feasible), take[best], cheapest)
+
+
+def check_costs(costs: Optional[Sequence[float]]) -> Optional[np.ndarray]:
+  """Validates per-group forward shares (None passes through)."""
+  if costs is None:
+    return None
+  costs = np.asarray(costs, np.float32)
+  if costs.ndim != 1 or not np.all(np.isfinite(costs)) or np.any(
+      costs < 0) or not costs.sum() > 0:
+    raise ValueError("costs must be a non-negative vector with a positive "
+                     f"sum (one entry per layer group), got {costs}.")
+  return costs
+
+
+def cost_shares(costs: Optional[np.ndarray], num_groups: int,
+                sizes: Optional[jax.Array] = None) -> jax.Array:
+  """Normalized forward shares: ``costs``, else the groups' ``sizes``."""
+  if costs is not None and costs.shape[0] != num_groups:
+    raise ValueError(f"costs has {costs.shape[0]} entries for "
+                     f"{num_groups} layer groups.")
+  c = jnp.asarray(costs if costs is not None else sizes, jnp.float32)
+  return c / jnp.sum(c)
 
 
 # --------------------------------------------------------------- policies
@@ -297,23 +355,12 @@ def top_k(
 
   if budget is not None:
     budget = args_lib.check_number(budget, "budget", 1.0)
-  if costs is not None:
-    costs = np.asarray(costs, np.float32)
-    if costs.ndim != 1 or not np.all(np.isfinite(costs)) or np.any(
-        costs < 0) or not costs.sum() > 0:
-      raise ValueError("costs must be a non-negative vector with a positive "
-                       f"sum (one entry per layer group), got {costs}.")
-
-  def shares(num_groups, sizes=None):
-    c = costs if costs is not None else sizes
-    if costs is not None and costs.shape[0] != num_groups:
-      raise ValueError(f"costs has {costs.shape[0]} entries for "
-                       f"{num_groups} layer groups.")
-    c = jnp.asarray(c, jnp.float32)
-    return c / jnp.sum(c)
+  costs = check_costs(costs)
 
   def init(num_groups, key=None):
     _check_k(k, num_groups)
+    if costs is not None:
+      cost_shares(costs, num_groups)  # the length, checked early
     if initial is not None:
       flags = _as_flags(initial, num_groups)
     else:
@@ -330,8 +377,8 @@ def top_k(
     if budget is None:
       selection = top_k_mask(score, k)
     else:
-      selection = budget_mask(score, k, shares(score.shape[0], stats.sizes),
-                              budget)
+      selection = budget_mask(
+          score, k, cost_shares(costs, score.shape[0], stats.sizes), budget)
     return PolicyState(selection, optax.safe_increment(state.count),
                        state.key, score)
 
@@ -414,6 +461,9 @@ def bandit(
     min_prob: float = 1e-8,
     max_draws: int = 32,
     seed: Optional[args_lib.SeedOrKey] = None,
+    budget: Optional[float] = None,
+    costs: Optional[Sequence[float]] = None,
+    restrict: str = "both",
 ) -> Policy:
   """EXP3.M-style sampling of arms by gradient norm (SL-SAM's rule).
 
@@ -446,6 +496,20 @@ def bandit(
   overflowed, a NaN) is not recorded: the engine marks it unobserved, and
   an unobserved arm keeps its weight.
 
+  With ``budget`` (times an SGD step; this library's option, not the
+  paper's) the draw is trimmed to a cost: among the drawn arms, those of
+  largest probability per unit of cost are kept while the step's modelled
+  cost (:func:`selection_cost` with ``restrict``; both passes restricted to
+  the drawn arms, as in :func:`optax_sam.slsam`) stays within the budget
+  (:func:`budget_mask` with ``allowed`` = the draw). When no drawn arm fits
+  alone, the cheapest arm is taken. Trimming lowers the inclusion
+  probability of expensive arms below ``p_i``, while the rewards keep the
+  ``1 / p_i`` weights of the draw: the rule is then no longer EXP3.M's
+  unbiased estimate, and arms that never fit keep their probabilities.
+  Without ``costs`` the shares come from the groups' sizes, which the
+  policy learns at its first update: the first step then takes the output
+  side arm alone.
+
   Args:
     fraction: the budget ``s``: expected fraction of arms drawn per step.
     eta: the bandit's learning rate (the code's ``alpha_p = 0.001``).
@@ -454,6 +518,13 @@ def bandit(
     max_draws: bound on the repeated draws when nothing is drawn.
     seed: PRNG seed (an int, a raw or a typed key; None: 0) used when
       ``init`` gets no key, and by :func:`optax_sam.sharpness_aware`.
+    budget: the largest modelled cost of a step, in SGD steps (> 0); None:
+      no limit (the paper's rule).
+    costs: each arm's share of the forward pass (input side first; any
+      positive scale), for ``budget``; default: the arms' parameter counts.
+    restrict: the cost model of :func:`selection_cost`: ``"both"`` (the
+      clean and the perturbed pass restricted to the draw, SL-SAM) or
+      ``"perturbed"``.
 
   Returns:
     A :class:`Policy` whose selection may change every step; its
@@ -472,6 +543,17 @@ def bandit(
   eta = args_lib.check_number(eta, "eta", 0.0)
   min_prob = args_lib.check_number(min_prob, "min_prob", 0.0, 1.0)
   max_draws = args_lib.check_int(max_draws, "max_draws", 1)
+  if budget is not None:
+    budget = args_lib.check_number(budget, "budget", 0.0, low_open=True)
+  costs = check_costs(costs)
+  _check_restrict(restrict)
+
+  def trim(sel, probs, sizes):
+    if budget is None:
+      return sel
+    shares = cost_shares(costs, probs.shape[0], sizes)
+    return budget_mask(probs, probs.shape[0], shares, budget,
+                       restrict=restrict, allowed=sel)
 
   def draw(key, probs):
     def body(carry):
@@ -492,6 +574,10 @@ def bandit(
     key = args_lib.as_key(seed if key is None else key)
     probs = jnp.full(num_groups, fraction, jnp.float32)
     key, sel = draw(key, probs)
+    if budget is not None and costs is None:  # sizes come with the stats
+      sel = jnp.arange(num_groups) == num_groups - 1
+    elif budget is not None:
+      sel = trim(sel, probs, None)
     return _state(sel, key, probs)
 
   def update(state, stats):
@@ -510,6 +596,7 @@ def bandit(
     # unobserved); a non-finite probability never enters the state.
     new = jnp.where(jnp.all(jnp.isfinite(new)), new, probs)
     key, selection = draw(state.key, new)
+    selection = trim(selection, new, stats.sizes)
     return PolicyState(selection, optax.safe_increment(state.count), key,
                        new.astype(jnp.float32))
 

@@ -49,6 +49,7 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Optional, Union
 
 import optax
@@ -82,6 +83,8 @@ def slsam(
     seed: Optional[args_lib.SeedOrKey] = None,
     axis_name: Optional[str] = None,
     sync_ascent: bool = False,
+    budget: Optional[float] = None,
+    costs: Optional[Sequence[float]] = None,
 ) -> optax.GradientTransformationExtraArgs:
   """SL-SAM: SAM on a bandit-sampled subset of tensors (module docstring).
 
@@ -119,6 +122,15 @@ def slsam(
     axis_name: average gradients over this mapped axis; the bandit then
       reads averaged norms and draws the same subset on every device.
     sync_ascent: also average the ascent gradient over ``axis_name``.
+    budget: the largest modelled cost of a step in SGD steps (this
+      library's option): each draw is trimmed to the drawn arms of largest
+      probability per unit of cost that fit (see
+      :func:`optax_sam.policies.bandit`; ``restrict="both"``). A random
+      draw of half the tensors nearly always holds one near the input,
+      which makes the step cost about 2 SGD steps; ``budget=1.25`` keeps
+      the step near SGD's cost. None: the paper's rule.
+    costs: each arm's share of the forward pass (default: parameter
+      counts; a convolution costs more per parameter at high resolution).
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` with a
@@ -134,7 +146,7 @@ def slsam(
     executor = "dense"
   policy = policies_lib.bandit(fraction, eta, scale_invariant=scale_invariant,
                                min_prob=min_prob, max_draws=max_draws,
-                               seed=seed)
+                               seed=seed, budget=budget, costs=costs)
   return engine_lib.sharpness_aware(
       optimizer, perturb_lib.sam_perturbation(rho), policy=policy,
       unselected="zero", executor=executor,
