@@ -72,11 +72,15 @@ class PolicyState(NamedTuple):
       typed key (``jax.random.key``) when one was given.
     score: float32[L], the policy's per-group memory (smoothed statistic,
       bandit probabilities, ...).
+    credit: float32 scalar, the cost (in SGD steps) a policy with an
+      amortized budget has saved so far and may spend (the bandit with
+      ``budget``); None (no leaf) for the others.
   """
   selection: jax.Array
   count: jax.Array
   key: jax.Array
   score: jax.Array
+  credit: Optional[jax.Array] = None
 
 
 class Policy(NamedTuple):
@@ -496,19 +500,25 @@ def bandit(
   overflowed, a NaN) is not recorded: the engine marks it unobserved, and
   an unobserved arm keeps its weight.
 
-  With ``budget`` (times an SGD step; this library's option, not the
-  paper's) the draw is trimmed to a cost: among the drawn arms, those of
-  largest probability per unit of cost are kept while the step's modelled
-  cost (:func:`selection_cost` with ``restrict``; both passes restricted to
-  the drawn arms, as in :func:`optax_sam.slsam`) stays within the budget
-  (:func:`budget_mask` with ``allowed`` = the draw). When no drawn arm fits
-  alone, the cheapest arm is taken. Trimming lowers the inclusion
-  probability of expensive arms below ``p_i``, while the rewards keep the
-  ``1 / p_i`` weights of the draw: the rule is then no longer EXP3.M's
-  unbiased estimate, and arms that never fit keep their probabilities.
-  Without ``costs`` the shares come from the groups' sizes, which the
-  policy learns at its first update: the first step then takes the output
-  side arm alone.
+  With ``budget`` (times an SGD step, amortized; this library's option,
+  not the paper's) the draws are held to a cost on average: the policy keeps
+  a credit ``c`` (``state.credit``, starting at 0), the cost saved so far. A
+  draw whose modelled cost (:func:`selection_cost` with ``restrict``; both
+  passes restricted to the drawn arms, as in :func:`optax_sam.slsam`) is
+  within ``budget + c`` is kept whole; a dearer one is trimmed to the drawn
+  arms of largest probability per unit of cost that fit ``budget + c``
+  (:func:`budget_mask` with ``allowed`` = the draw; when no drawn arm fits,
+  the cheapest arm is taken). Then ``c <- min(c + budget - cost, cap)`` with
+  ``cap = selection_cost(every arm) - budget``, so saving stops once any
+  draw is affordable. The mean modelled cost over any run is then at most
+  ``budget`` (while the cheapest arm fits it), and an expensive arm is still
+  drawn now and then: with SL-SAM's ``freeze`` an arm that never fits
+  would never be trained. Trimming lowers the inclusion probability of
+  expensive arms below ``p_i``, while the rewards keep the ``1 / p_i``
+  weights of the draw: the rule is then no longer EXP3.M's unbiased
+  estimate. Without ``costs`` the shares come from the groups' sizes, which
+  the policy learns at its first update: the first step then takes the
+  output side arm alone.
 
   Args:
     fraction: the budget ``s``: expected fraction of arms drawn per step.
@@ -518,8 +528,8 @@ def bandit(
     max_draws: bound on the repeated draws when nothing is drawn.
     seed: PRNG seed (an int, a raw or a typed key; None: 0) used when
       ``init`` gets no key, and by :func:`optax_sam.sharpness_aware`.
-    budget: the largest modelled cost of a step, in SGD steps (> 0); None:
-      no limit (the paper's rule).
+    budget: the mean modelled cost of a step, in SGD steps (> 0), held by
+      the credit above; None: no limit (the paper's rule).
     costs: each arm's share of the forward pass (input side first; any
       positive scale), for ``budget``; default: the arms' parameter counts.
     restrict: the cost model of :func:`selection_cost`: ``"both"`` (the
@@ -548,12 +558,17 @@ def bandit(
   costs = check_costs(costs)
   _check_restrict(restrict)
 
-  def trim(sel, probs, sizes):
-    if budget is None:
-      return sel
+  def spend(sel, probs, sizes, credit):
+    """The draw held to ``budget + credit``, and the credit after it."""
     shares = cost_shares(costs, probs.shape[0], sizes)
-    return budget_mask(probs, probs.shape[0], shares, budget,
-                       restrict=restrict, allowed=sel)
+    cost = selection_cost(sel, shares, restrict=restrict)
+    trimmed = budget_mask(probs, probs.shape[0], shares, budget + credit,
+                          restrict=restrict, allowed=sel)
+    sel = jnp.where(cost <= budget + credit + 1e-6, sel, trimmed)
+    cap = selection_cost(jnp.ones_like(sel), shares,
+                         restrict=restrict) - budget
+    spent = selection_cost(sel, shares, restrict=restrict)
+    return sel, jnp.minimum(credit + budget - spent, jnp.maximum(cap, 0.0))
 
   def draw(key, probs):
     def body(carry):
@@ -574,11 +589,14 @@ def bandit(
     key = args_lib.as_key(seed if key is None else key)
     probs = jnp.full(num_groups, fraction, jnp.float32)
     key, sel = draw(key, probs)
-    if budget is not None and costs is None:  # sizes come with the stats
+    if budget is None:
+      return _state(sel, key, probs)
+    credit = jnp.zeros([], jnp.float32)
+    if costs is None:  # sizes come with the stats: the output side first
       sel = jnp.arange(num_groups) == num_groups - 1
-    elif budget is not None:
-      sel = trim(sel, probs, None)
-    return _state(sel, key, probs)
+    else:
+      sel, credit = spend(sel, probs, None, credit)
+    return _state(sel, key, probs)._replace(credit=credit)
 
   def update(state, stats):
     probs = state.score
@@ -596,8 +614,10 @@ def bandit(
     # unobserved); a non-finite probability never enters the state.
     new = jnp.where(jnp.all(jnp.isfinite(new)), new, probs)
     key, selection = draw(state.key, new)
-    selection = trim(selection, new, stats.sizes)
+    credit = state.credit
+    if budget is not None:
+      selection, credit = spend(selection, new, stats.sizes, credit)
     return PolicyState(selection, optax.safe_increment(state.count), key,
-                       new.astype(jnp.float32))
+                       new.astype(jnp.float32), credit)
 
   return Policy(init, update, lambda step: True, seed)

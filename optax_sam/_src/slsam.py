@@ -122,13 +122,13 @@ def slsam(
     axis_name: average gradients over this mapped axis; the bandit then
       reads averaged norms and draws the same subset on every device.
     sync_ascent: also average the ascent gradient over ``axis_name``.
-    budget: the largest modelled cost of a step in SGD steps (this
-      library's option): each draw is trimmed to the drawn arms of largest
-      probability per unit of cost that fit (see
-      :func:`optax_sam.policies.bandit`; ``restrict="both"``). A random
-      draw of half the tensors nearly always holds one near the input,
-      which makes the step cost about 2 SGD steps; ``budget=1.25`` keeps
-      the step near SGD's cost. None: the paper's rule.
+    budget: the mean modelled cost of a step in SGD steps (this library's
+      option): a draw dearer than the budget plus the credit saved so far
+      is trimmed to the drawn arms of largest probability per unit of cost
+      that fit (see :func:`optax_sam.policies.bandit`;
+      ``restrict="both"``). A random draw of half the tensors nearly always
+      holds one near the input, which makes the step cost about 2 SGD
+      steps. None: the paper's rule.
     costs: each arm's share of the forward pass (default: parameter
       counts; a convolution costs more per parameter at high resolution).
 
