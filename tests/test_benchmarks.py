@@ -297,12 +297,13 @@ def _check_cost_columns(out, sam_like=("sam",)):
 
 @_needs_sdist
 def test_lm_pretrain_finetune_smoke(tmp_path):
-  """One tiny pre-training, then sgd, sam and slsam fine-tune it."""
+  """One tiny pre-training, then sgd and slsam fine-tune it (SAM's
+  two-pass run is covered by the vision smoke test; CI time)."""
   from benchmarks import lm  # pylint: disable=g-import-not-at-top
-  out = lm.main(["--methods", "sgd,sam,slsam", "--seeds", "2", *_LM_TINY,
+  out = lm.main(["--methods", "sgd,slsam", "--seeds", "2", *_LM_TINY,
                  "--name", "lm_smoke", "--results-dir", str(tmp_path)])
-  assert set(out["summary"]) == {"sgd", "sam", "slsam"}
-  assert len(out["runs"]) == 3
+  assert set(out["summary"]) == {"sgd", "slsam"}
+  assert len(out["runs"]) == 2
   before = out["pretrain"]["val_loss_pretrain_corpus"]
   for r in out["runs"]:
     assert np.isfinite(r["val_loss"])
@@ -311,8 +312,8 @@ def test_lm_pretrain_finetune_smoke(tmp_path):
         r["pretrain_val_loss_after"] - before)
   _check_cost_columns(out)
   runs = {r["method"]: r for r in out["runs"]}
-  assert out["summary"]["sam"]["val_loss_minus_base"] == pytest.approx(
-      runs["sam"]["val_loss"] - runs["sgd"]["val_loss"])
+  assert out["summary"]["slsam"]["val_loss_minus_base"] == pytest.approx(
+      runs["slsam"]["val_loss"] - runs["sgd"]["val_loss"])
   r = runs["slsam"]
   assert r["hparams"]["seed"] == 2
   assert 0.0 < r["clean_active"] < 1.0 and 0.0 < r["perturbed_active"] < 1.0
@@ -321,7 +322,7 @@ def test_lm_pretrain_finetune_smoke(tmp_path):
     saved = json.load(f)
   assert saved["provenance"]["seeds"] == [2]
   text, _ = report.build(str(tmp_path))
-  assert "forgetting" in text and "| sam |" in text
+  assert "forgetting" in text and "| slsam |" in text
 
 
 @_needs_fashion

@@ -275,7 +275,7 @@ def test_slsam_budget_holds_the_mean_cost_and_matches_numpy(jit):
   params, got, sels, costs = _util.to_jax(p), [], [], []
   leaves = [path for path, _ in jax.tree_util.tree_flatten_with_path(
       _util.to_jax(p))[0]]
-  for _ in range(6 if jit else 4):
+  for _ in range(6 if jit else 2):
     sel = np.asarray(state.policy.selection)
     costs.append(_np_cost(sel, c, "both"))
     sels.append({tuple(k.key for k in leaves[i]) for i in np.nonzero(sel)[0]})
