@@ -258,11 +258,12 @@ def test_bandit_budget_spends_a_credit_and_trims_by_probability_per_cost():
   assert trimmed > 0 and kept_whole > 0, (trimmed, kept_whole)
 
 
-@pytest.mark.parametrize("jit", [True, False])
-def test_slsam_budget_holds_the_mean_cost_and_matches_numpy(jit):
+def test_slsam_budget_holds_the_mean_cost_and_matches_numpy():
   """slsam(budget=): the drawn subsets' mean modelled cost is within the
   budget, a dear tensor is still drawn sometimes, and the trajectory equals
-  the numpy SL-SAM on those subsets."""
+  the numpy SL-SAM on those subsets (jit only, for CI time: the eager path
+  of the same engine is in tests/test_slsam.py)."""
+  jit = True
   p, x, y = _util.setup(0)
   budget = 1.2
   tx = optax_sam.slsam(optax.sgd(0.1, momentum=0.9), rho=0.05, fraction=0.5,
@@ -275,7 +276,7 @@ def test_slsam_budget_holds_the_mean_cost_and_matches_numpy(jit):
   params, got, sels, costs = _util.to_jax(p), [], [], []
   leaves = [path for path, _ in jax.tree_util.tree_flatten_with_path(
       _util.to_jax(p))[0]]
-  for _ in range(6 if jit else 2):
+  for _ in range(6):
     sel = np.asarray(state.policy.selection)
     costs.append(_np_cost(sel, c, "both"))
     sels.append({tuple(k.key for k in leaves[i]) for i in np.nonzero(sel)[0]})
@@ -283,8 +284,7 @@ def test_slsam_budget_holds_the_mean_cost_and_matches_numpy(jit):
     params = optax.apply_updates(params, u)
     got.append(params)
   assert np.mean(costs) <= budget + 1e-5, costs
-  if jit:
-    assert max(costs) > budget, "a dear draw should be afforded sometimes"
+  assert max(costs) > budget, "a dear draw should be afforded sometimes"
   want = reference.run_slsam_momentum(p, x, y, sels, 0.1, 0.9, 0.05)
   for a, b in zip(got, want):
     _util.assert_trees_close(a, b, rtol=2e-5, atol=2e-6)
