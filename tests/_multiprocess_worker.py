@@ -24,7 +24,8 @@ NUM_PROCESSES, PROCESS_ID, DEVICES = (int(NUM_PROCESSES), int(PROCESS_ID),
                                       int(DEVICES))
 os.environ["JAX_PLATFORMS"] = "cpu"
 os.environ["XLA_FLAGS"] = (
-    f"--xla_force_host_platform_device_count={DEVICES}")
+    f"--xla_force_host_platform_device_count={DEVICES}"
+    " --xla_backend_optimization_level=0")  # as conftest.py: compile-bound
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)
 sys.path.insert(0, os.path.dirname(_HERE))

@@ -8,6 +8,11 @@ _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
   os.environ["XLA_FLAGS"] = (
       _flags + " --xla_force_host_platform_device_count=8").strip()
+# The suite is compile-bound: LLVM's optimisation of the compiled code costs
+# more than it saves on these tiny programs (XLA's own passes, the HLO and
+# its cost analysis are unchanged).
+if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
+  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Hypothesis profiles (tests/test_properties.py): small by default, as the

@@ -45,11 +45,8 @@ def test_notebook_runs(path, monkeypatch):
   monkeypatch.setenv("PYTHONPATH", os.pathsep.join(
       [ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
   monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline one
-  # CI speed only: LLVM's optimization level (compilation is most of a SMALL
-  # run); XLA's HLO passes, hence cost_analysis() FLOPs, are unchanged.
-  monkeypatch.setenv("XLA_FLAGS", " ".join(
-      [os.environ.get("XLA_FLAGS", ""), "--xla_backend_optimization_level=0"]
-  ).strip())
+  # The kernel inherits conftest.py's XLA_FLAGS (LLVM's optimization level
+  # 0: compilation is most of a SMALL run).
   nb = nbformat.read(path, as_version=4)
   client = nbclient.NotebookClient(
       nb, timeout=CELL_TIMEOUT_S, kernel_name="python3",
