@@ -4,15 +4,15 @@ import os
 import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-_flags = os.environ.get("XLA_FLAGS", "")
-if "xla_force_host_platform_device_count" not in _flags:
-  os.environ["XLA_FLAGS"] = (
-      _flags + " --xla_force_host_platform_device_count=8").strip()
-# The suite is compile-bound: LLVM's optimisation of the compiled code costs
-# more than it saves on these tiny programs (XLA's own passes, the HLO and
-# its cost analysis are unchanged).
-if "xla_backend_optimization_level" not in os.environ["XLA_FLAGS"]:
-  os.environ["XLA_FLAGS"] += " --xla_backend_optimization_level=0"
+# Each flag unless the environment already sets it. The optimisation level:
+# the suite is compile-bound, and LLVM's optimisation of the compiled code
+# costs more than it saves on these tiny programs (XLA's own passes, the HLO
+# and its cost analysis are unchanged).
+for _name, _value in (("xla_force_host_platform_device_count", "8"),
+                      ("xla_backend_optimization_level", "0")):
+  _flags = os.environ.get("XLA_FLAGS", "")
+  if _name not in _flags:
+    os.environ["XLA_FLAGS"] = f"{_flags} --{_name}={_value}".strip()
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 # Hypothesis profiles (tests/test_properties.py): small by default, as the
