@@ -59,6 +59,7 @@ import numpy as np
 import optax
 
 import optax_sam
+from benchmarks import clock as clock_lib
 from benchmarks import data as data_lib
 from benchmarks import methods as methods_lib
 from benchmarks import provenance
@@ -161,35 +162,26 @@ def fit(method: methods_lib.Method, loss_fn, params,
 
   plain = isinstance(state, optax_sam.PlainState)
   tracked = sharpness_state(state) is not None
-  active, steps, batch = [], 0, None
-  first_step_s, compile_steps, compile_s = 0.0, 0, 0.0
-  t0 = time.perf_counter()
+  active, batch = [], None
+  clock = clock_lib.StepClock(lambda: len(programs))
+  clock.start()
   for b in data_lib.prefetch(batches):
     b = tuple(jnp.asarray(a) for a in b)
-    known = len(programs) if steps else -1
-    ts = time.perf_counter()
-    params, state = step(params, state, *b)
+    if batch is None:
+      batch = b
+    params, state = clock.step(step, params, state, *b)
     if tracked:
       sa = sharpness_state(state)
       active.append((sa.clean_active, sa.perturbed_active))
-    if len(programs) != known:  # compiled a program: timed apart
-      jax.block_until_ready(params)
-      te = time.perf_counter()
-      if steps == 0:
-        first_step_s, batch = te - ts, b
-      else:
-        compile_steps, compile_s = compile_steps + 1, compile_s + te - ts
-      t0 += te - ts
-    steps += 1
-  jax.block_until_ready(params)
-  train_time = time.perf_counter() - t0
+  clock.stop(params)
   if tracked:
     asc, desc = (float(jnp.mean(jnp.stack([a[i] for a in active])))
                  for i in (0, 1))
   else:
     asc, desc = (1.0, 0.0) if plain else (None, None)
-  return Fit(params, state, steps, train_time, first_step_s, compile_steps,
-             compile_s, asc, desc, programs, batch)
+  return Fit(params, state, clock.steps, clock.train_s, clock.first_step_s,
+             clock.compile_steps, clock.compile_steps_s, asc, desc, programs,
+             batch)
 
 
 def compiled_memory(result: Fit) -> dict[str, Any]:

@@ -7,10 +7,11 @@ transformation differs. Recorded per run:
 
 * test accuracy and cumulative training wall time after every epoch (so
   accuracy at SGD's wall-clock budget can be read off);
-* the first step's time apart (it includes compilation), the time of later
-  steps that compiled a program (``later_compile_s``: a method of several
-  static programs compiles each at its first use), and the number of
-  programs compiled; neither counts as training time;
+* the first step's time apart (it includes compilation), the number and time
+  of later steps that compiled a program (``compile_steps``,
+  ``compile_steps_s``: a method of several static programs compiles each at
+  its first use), and the number of programs compiled; neither counts as
+  training time (:class:`benchmarks.clock.StepClock`);
 * at the end: the whole-model gradient norm on a fixed training subset, and
   the top Hessian eigenvalue on it (power iteration on Hessian-vector
   products), the "mechanism" figures of BENCHMARKS.md;
@@ -20,7 +21,6 @@ transformation differs. Recorded per run:
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 import optax_sam
+from benchmarks import clock as clock_lib
 from benchmarks import data as data_lib
 from benchmarks import methods as methods_lib
 
@@ -192,32 +193,22 @@ def train(task: Task, method: str, seed: int, *,
 
   augment = jax.jit(data_lib.augment) if task.augment else None
   aug_key = jax.random.PRNGKey(10_000 + seed)
+
+  def one(p, s, xb, yb, t):
+    if augment is not None:
+      xb = augment(jax.random.fold_in(aug_key, t), xb)
+    return step(p, s, xb, yb)
+
   history, selections = [], []
-  train_time, first_step_s, t = 0.0, None, 0
-  later_compile_s, compiled = 0.0, int(compilations())
+  clock, t = clock_lib.StepClock(compilations), 0
   bar = (tqdm(total=total, desc=f"{task.name}/{method}/s{seed}", leave=False)
          if progress and tqdm is not None else None)
   for epoch in range(task.epochs):
     losses = []
-    t0 = time.perf_counter()
+    clock.start()
     order = data_lib.epoch_batches(len(xtr), task.batch, seed, epoch)
     for xb, yb in data_lib.prefetch((xtr[i], ytr[i]) for i in order):
-      ts = time.perf_counter()
-      if augment is not None:
-        xb = augment(jax.random.fold_in(aug_key, t), xb)
-      params, state, loss = step(params, state, xb, yb)
-      if first_step_s is None or compilations() != compiled:
-        # A step that compiled a program (the first; with several static
-        # programs, the first use of each) is timed apart: compilation is
-        # reported, not counted as training time.
-        jax.block_until_ready(params)
-        dt = time.perf_counter() - ts
-        if first_step_s is None:
-          first_step_s = dt
-        else:
-          later_compile_s += dt
-        t0 += dt
-        compiled = compilations()
+      params, state, loss = clock.step(one, params, state, xb, yb, t)
       losses.append(loss)
       if hasattr(state, "last_selection") and t % selection_every == 0:
         selections.append([t, np.asarray(state.last_selection).astype(
@@ -225,27 +216,24 @@ def train(task: Task, method: str, seed: int, *,
       t += 1
       if bar is not None:
         bar.update(1)
-    jax.block_until_ready(params)
-    train_time += time.perf_counter() - t0
+    train_time = clock.stop(params)
     ev = evaluate(model, params, xte, yte)
     history.append({"epoch": epoch + 1, "train_time_s": train_time,
                     "train_loss": float(jnp.mean(jnp.stack(losses))),
                     "test_acc": ev["acc"], "test_nll": ev["nll"],
                     "test_ece": ev["ece"]})
     if on_epoch is not None:
-      on_epoch(epoch + 1, task.epochs, steps_per_epoch, first_step_s)
+      on_epoch(epoch + 1, task.epochs, steps_per_epoch, clock.first_step_s)
   if bar is not None:
     bar.close()
 
   xs, ys = xtr[:sharpness_examples], ytr[:sharpness_examples]
   record = {
       "method": method, "seed": seed, "hparams": m.hparams,
-      "test_acc": history[-1]["test_acc"], "train_time_s": train_time,
+      "test_acc": history[-1]["test_acc"], **clock.fields(),
       "test_nll": history[-1]["test_nll"],
       "test_ece": history[-1]["test_ece"],
       "peak_test_acc": max(h["test_acc"] for h in history),
-      "first_step_s": first_step_s, "later_compile_s": later_compile_s,
-      "compilations": int(compilations()),
       "history": history,
       "grad_norm": tree_norm(jax.jit(jax.grad(loss_fn))(params, xs, ys)),
       "train_loss_subset": float(jax.jit(loss_fn)(params, xs, ys)),

@@ -31,6 +31,8 @@ def test_tiny_preset_end_to_end(tmp_path, monkeypatch, capsys):
   for r in task["runs"]:
     assert 0.0 <= r["test_acc"] <= 1.0
     assert np.isfinite(r["grad_norm"]) and np.isfinite(r["hessian_top_eig"])
+    assert r["first_step_s"] > 0.0 and r["compile_steps"] >= 0
+    assert r["train_time_s"] == r["history"][-1]["train_time_s"] > 0.0
   lagnp = [r for r in task["runs"] if r["method"] == "lagnp"][0]
   assert lagnp["selection"]["groups"]
   # lagnp's cost is amortized over the selections its runs actually held.
@@ -200,6 +202,34 @@ def test_progress_eta_from_post_compile_step_times():
   disabled.start()
   disabled.done()
   assert len(lines) == n
+
+
+def test_step_clock_sets_compiling_steps_apart():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from benchmarks import clock as clock_lib  # pylint: disable=g-import-not-at-top
+
+  f = jax.jit(lambda x: x * 2.0)
+  clock = clock_lib.StepClock(f._cache_size)  # pylint: disable=protected-access
+  with pytest.raises(RuntimeError, match="start"):
+    clock.step(f, jnp.ones(2))
+  clock.start()
+  for shape in (2, 2, 3, 3, 2):  # a new shape compiles a second program
+    out = clock.step(f, jnp.ones(shape))
+  assert clock.stop(out) == clock.train_s >= 0.0
+  assert clock.steps == 5 and clock.compile_steps == 1
+  assert clock.first_step_s > 0.0 and clock.compile_steps_s > 0.0
+  # Time outside start()/stop() (an evaluation, say) is not counted.
+  before = clock.train_s
+  f(jnp.ones(4)).block_until_ready()
+  assert clock.train_s == before
+  fields = clock.fields()
+  assert fields == {"train_time_s": before,
+                    "first_step_s": clock.first_step_s, "compile_steps": 1,
+                    "compile_steps_s": clock.compile_steps_s,
+                    "compilations": 3}
+  with pytest.raises(RuntimeError, match="start"):
+    clock.stop()
 
 
 def test_methods_by_name_and_hparams():
