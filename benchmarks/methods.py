@@ -161,14 +161,18 @@ def _late_layerwise(base, total_steps=1000, rho=0.05, fraction=0.25,
 
 @register("late_arsam")
 def _late_arsam(base, total_steps=1000, rho=0.05, fraction=0.5,
-                target_fraction=0.2, driver="host", **hp):
-  """ARSAM (with a target recompute fraction) in the late phase only."""
-  sched = S.late_phase(total_steps, fraction,
-                       then=S.recompute_adaptive(
-                           target_fraction=target_fraction))
-  tx = optax_sam.arsam(base, rho=rho, schedule=sched, **hp)
-  return Method(tx, None, dict(rho=rho, fraction=fraction,
-                               target_fraction=target_fraction,
+                target_fraction=0.2, every=None, driver="host", **hp):
+  """ARSAM in the late phase only (SGD before): its adaptive rule with a
+  target recompute fraction, or, with ``every``, a recompute every ``every``
+  steps and ARSAM's reuse between them."""
+  then = (S.recompute_every(every) if every is not None else
+          S.recompute_adaptive(target_fraction=target_fraction))
+  tx = optax_sam.arsam(base, rho=rho,
+                       schedule=S.late_phase(total_steps, fraction, then=then),
+                       **hp)
+  settings = (dict(every=every) if every is not None else
+              dict(target_fraction=target_fraction))
+  return Method(tx, None, dict(rho=rho, fraction=fraction, **settings,
                                driver=driver, **hp),
                 specialized=driver == "host")
 
