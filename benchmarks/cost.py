@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 import statistics
 import time
 from collections.abc import Callable
@@ -234,8 +235,28 @@ def train_step_fn(tx, problem: Problem, conv_backward: str = "auto"):
   return train_step
 
 
+# Instructions of an optimized HLO module's entry computation that do no
+# work of their own (the rest, fusions, dots, copies, custom calls, loops,
+# conditionals, each run as at least one kernel).
+_NO_KERNEL = frozenset({"parameter", "constant", "get-tuple-element", "tuple",
+                        "bitcast"})
+
+
+def kernel_count(hlo_text: str) -> int:
+  """The number of kernels of a compiled program's top level: instructions
+  of its optimized HLO's ``ENTRY`` computation other than parameters,
+  constants, tuples and bitcasts. On the CPU each costs a few microseconds
+  however small, so a small model's step time follows this count rather
+  than its FLOPs."""
+  entry = hlo_text[hlo_text.index("\nENTRY"):]
+  entry = entry[:entry.find("\n}") if "\n}" in entry else len(entry)]
+  ops = re.findall(r"^\s*(?:ROOT )?\S+ = .*? ([a-z][\w-]*)\(", entry, re.M)
+  return sum(op not in _NO_KERNEL for op in ops)
+
+
 def compiled_cost(fn, *args) -> dict[str, float]:
-  """FLOPs, bytes accessed, temp memory and compile time of ``jit(fn)``."""
+  """FLOPs, bytes accessed, temp memory, kernel count (:func:`kernel_count`)
+  and compile time of ``jit(fn)``."""
   lowered = jax.jit(fn).lower(*args)
   t0 = time.perf_counter()
   compiled = lowered.compile()
@@ -251,6 +272,10 @@ def compiled_cost(fn, *args) -> dict[str, float]:
          # and a loop's body once (not times its trip count).
          "conditional": "stablehlo.case" in text or "stablehlo.if" in text,
          "loop": "stablehlo.while" in text}
+  try:
+    out["kernels"] = kernel_count(compiled.as_text())
+  except (ValueError, AttributeError):  # no text form on this backend
+    pass
   try:
     mem = compiled.memory_analysis()
     out["temp_bytes"] = float(mem.temp_size_in_bytes)

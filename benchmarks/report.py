@@ -241,7 +241,8 @@ def benefit_tables(name: str, res: dict[str, Any],
 
 def _program_lines(cost: dict[str, Any], methods: list[str]) -> list[str]:
   """One line per method that ran several static programs: each program's
-  share of the steps and its FLOPs and time ratios to SGD."""
+  share of the steps, its FLOPs and time ratios to SGD and (files measured
+  since it was recorded) its kernel count."""
   lines = []
   for m in methods:
     c = cost.get(m, {})
@@ -250,9 +251,16 @@ def _program_lines(cost: dict[str, Any], methods: list[str]) -> list[str]:
     parts = []
     for b, f in c["fractions"].items():
       row = cost.get(f"{m}[{b}]", {})
+      kernels = (f", {row['kernels']} kernels" if "kernels" in row else "")
       parts.append(f"{b} {100 * f:.0f}% ({_fmt(row.get('flops_ratio'), '.2f')}"
-                   f"x FLOPs, {_fmt(row.get('time_ratio'), '.2f')}x time)")
+                   f"x FLOPs, {_fmt(row.get('time_ratio'), '.2f')}x time"
+                   f"{kernels})")
     lines.append(f"- {m}, amortized over its programs: " + "; ".join(parts))
+  if lines and "kernels" in cost.get("sgd", {}):
+    lines.insert(0, f"- sgd: one program of {cost['sgd']['kernels']} kernels "
+                 "(top-level instructions of the compiled step that run: "
+                 "fusions, dots, copies; on the CPU a small model's step "
+                 "time follows their number)")
   return lines + [""] if lines else []
 
 

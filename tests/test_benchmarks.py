@@ -137,6 +137,13 @@ def test_report_pareto_and_columns_on_synthetic_results(tmp_path):
   assert "`-` in *FLOPs/SGD*: not measured" in md
   assert "; in *acc@SGD time*: no epoch ended" in md
   assert "- cheap, amortized over its programs: recompute 10%" in md
+  assert "kernels" not in md  # none measured in this file
+  # Kernel counts (files measured since they were recorded) join the lines.
+  r["cost"]["sgd"]["kernels"] = 32
+  r["cost"]["cheap[reuse]"]["kernels"] = 56
+  md = "\n".join(report.benefit_tables("syn", res, {"digits": ["x.png"]}))
+  assert "- sgd: one program of 32 kernels" in md
+  assert "reuse 90% (1.00x FLOPs, 1.10x time, 56 kernels)" in md
   assert "![syn digits](x.png)" in md
   text = run.format_tables("digits", r["cost"], r["summary"])
   assert text.splitlines()[2].split()[:3] == ["method", "FLOPs/SGD",
@@ -230,6 +237,22 @@ def test_step_clock_sets_compiling_steps_apart():
                     "compilations": 3}
   with pytest.raises(RuntimeError, match="start"):
     clock.stop()
+
+
+def test_kernel_count_of_compiled_programs():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from benchmarks import cost  # pylint: disable=g-import-not-at-top
+
+  x = jnp.ones(8)
+  one = cost.compiled_cost(lambda x: jnp.sin(x) * 2.0, x)["kernels"]
+  two = cost.compiled_cost(lambda x: (jnp.sin(x) * 2.0, jnp.sum(x)),
+                           x)["kernels"]
+  assert 1 <= one < two
+  text = ("HloModule m\n\n%f {\n  %a = f32[] parameter(0)\n  ROOT %b = f32[] "
+          "negate(%a)\n}\n\nENTRY %main {\n  %p = f32[2]{0} parameter(0)\n"
+          "  %c = f32[2]{0} copy(%p)\n  %k = s32[] constant(1)\n"
+          "  ROOT %t = (f32[2]{0}, s32[]) tuple(%c, %k)\n}\n")
+  assert cost.kernel_count(text) == 1  # the copy; %f's negate is not entry
 
 
 def test_methods_by_name_and_hparams():
