@@ -164,7 +164,9 @@ def _late_arsam(base, total_steps=1000, rho=0.05, fraction=0.5,
                 target_fraction=0.2, every=None, driver="host", **hp):
   """ARSAM in the late phase only (SGD before): its adaptive rule with a
   target recompute fraction, or, with ``every``, a recompute every ``every``
-  steps and ARSAM's reuse between them."""
+  steps and ARSAM's reuse between them. (The engine recomputes on the first
+  step of any method that stores a component, so the run's first step is a
+  SAM step and the next ``horizon`` steps mix its PSF in.)"""
   then = (S.recompute_every(every) if every is not None else
           S.recompute_adaptive(target_fraction=target_fraction))
   tx = optax_sam.arsam(base, rho=rho,

@@ -272,6 +272,27 @@ def test_methods_by_name_and_hparams():
     methods.parse_hparams("sam:rho")
 
 
+def test_late_arsam_with_a_fixed_interval():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import optax_sam  # pylint: disable=g-import-not-at-top
+
+  m = methods.build("late_arsam@fraction=0.5+every=2", optax.sgd(0.1),
+                    total_steps=8)
+  assert m.hparams == {"rho": 0.05, "fraction": 0.5, "every": 2,
+                       "driver": "host"}
+  loss = lambda p, x: jnp.sum((p["w"] - x) ** 2)
+  params, state = {"w": jnp.ones(3)}, m.tx.init({"w": jnp.ones(3)})
+  update = optax_sam.make_update(m.tx, loss)
+  recomputed = []
+  for _ in range(8):
+    _, u, state = update(params, state, jnp.zeros(3))
+    params = optax.apply_updates(params, u)
+    recomputed.append(bool(state.recomputed))
+  # The late phase is steps 4-7, recomputing on every 2nd; step 0 is the
+  # engine's forced first recompute of a storing mixer (ARSAM's PSF).
+  assert recomputed == [True, False, False, False, True, False, True, False]
+
+
 def test_accuracy_at_budget():
   rec = {"history": [{"train_time_s": 1.0, "test_acc": 0.5},
                      {"train_time_s": 2.0, "test_acc": 0.7}]}
