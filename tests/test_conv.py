@@ -337,18 +337,28 @@ def test_example_models_take_a_conv_backward():
   with the forward form (custom VJPs), equal gradients."""
   from optax_sam import models  # pylint: disable=g-import-not-at-top
   rule = "forward"
-  x = jnp.ones((2, 8, 8, 3))
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(2, 8, 8, 3)), jnp.float32)
+  # Per-example, per-logit weights: with a plain sum of the logits, the
+  # upstream gradient of every BatchNorm is constant over the batch, so every
+  # gradient before the last BatchNorm is exactly zero in exact arithmetic
+  # and the two rules would be compared on rounding noise.
+  w = jnp.asarray(rng.normal(size=(2, 10)), jnp.float32)
   grads = {}
   for r in ("xla", rule):
     model = models.get_model("resnet18", width=2, conv_backward=r)
     # rbg: XLA compiles Flax's initialisers far faster than with threefry.
     variables = model.init(jax.random.key(0, impl="rbg"), x)
-    loss = lambda p, model=model, v=variables: jnp.sum(model.apply(
+    loss = lambda p, model=model, v=variables: jnp.sum(w * model.apply(
         {"params": p, "batch_stats": v["batch_stats"]}, x,
         train=True, mutable=["batch_stats"])[0])
     jaxpr = str(jax.make_jaxpr(jax.grad(loss))(variables["params"]))
     assert ("custom_vjp_call" in jaxpr) == (r == "forward")
     grads[r] = jax.jit(jax.grad(loss))(variables["params"])
+  # The first conv's kernel sits before every BatchNorm: its gradient is
+  # the one a degenerate loss would zero.
+  first = grads["xla"]["stage0_stem"]["a_conv"]["kernel"]
+  assert float(jnp.max(jnp.abs(first))) > 1e-2, float(jnp.max(jnp.abs(first)))
   assert_trees_close(grads["xla"], grads[rule], rtol=1e-4, atol=1e-5)
 
 
