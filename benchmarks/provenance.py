@@ -36,6 +36,27 @@ def git_commit() -> str | None:
   return head.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
 
 
+def cpu_model() -> dict[str, Any]:
+  """The host CPU's model name and widest vector ISA (CPU timings and even
+  some float rounding differ between an AVX-512 and an AVX2-only machine, so
+  figures pair only within one)."""
+  name, flags = platform.processor() or None, set()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name" and value.strip():
+          name = value.strip()
+        elif key.strip() == "flags":
+          flags = set(value.split())
+          break
+  except OSError:
+    pass
+  isa = next((i for i in ("avx512f", "avx2", "avx", "sse4_2", "neon", "asimd")
+              if i in flags), None)
+  return {"cpu_model": name, "cpu_isa": isa}
+
+
 def provenance(seeds: Any = None) -> dict[str, Any]:
   """Command, commit, versions, device and date of this run."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -56,7 +77,7 @@ def provenance(seeds: Any = None) -> dict[str, Any]:
                  "kind": devices[0].device_kind,
                  "count": len(devices),
                  "cpu_count": os.cpu_count(),
-                 "machine": platform.machine()},
+                 "machine": platform.machine(), **cpu_model()},
       "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
           timespec="seconds"),
       "seeds": seeds,

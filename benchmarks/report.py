@@ -37,7 +37,10 @@ def _provenance_line(prov: dict[str, Any]) -> str:
   commit = commit[:12] + ("+dirty" if commit.endswith("+dirty") else "")
   return (f"_{prov.get('date', '?')}, commit `{commit}`"
           f", {d.get('platform', '?')} ({d.get('kind', '?')}, "
-          f"{d.get('cpu_count', '?')} CPU cores), jax {v.get('jax')}, "
+          f"{d.get('cpu_count', '?')} CPU cores"
+          + (f", {d['cpu_model']} {d.get('cpu_isa') or ''}".rstrip()
+             if d.get("cpu_model") else "")
+          + f"), jax {v.get('jax')}, "
           f"seeds {prov.get('seeds')}; command: `{prov.get('command')}`_")
 
 

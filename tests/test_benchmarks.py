@@ -53,6 +53,7 @@ def test_tiny_preset_end_to_end(tmp_path, monkeypatch, capsys):
   prov = saved["provenance"]
   for key in ("command", "git_commit", "versions", "device", "date", "seeds"):
     assert key in prov
+  assert {"cpu_model", "cpu_isa"} <= set(prov["device"])
   # The run folder's own report and charts, redrawn at the end of the run.
   assert (folder / "tiny_digits_noise0.2_pareto.png").stat().st_size > 0
   md = (folder / "REPORT.md").read_text()
