@@ -30,7 +30,7 @@ import os
 import queue
 import tarfile
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any, Optional
 
 import numpy as np
@@ -260,12 +260,23 @@ class CharCorpus:
     return "".join(self.vocab[int(i)] for i in ids)
 
 
-def shakespeare_corpora(path: Optional[str] = None
+def shakespeare_corpora(path: Optional[str] = None,
+                        finetune_plays: Optional[Sequence[str]] = None
                         ) -> tuple[CharCorpus, CharCorpus]:
-  """``(pretrain, finetune)`` corpora, split by play (see module doc)."""
+  """``(pretrain, finetune)`` corpora, split by play (see module doc).
+
+  ``finetune_plays``: a subset of :data:`FINETUNE_PLAYS` to fine-tune on
+  (default: all of them); the other comedies are in neither corpus, so the
+  pre-training text is the same whatever the subset.
+  """
   plays = load_plays(path)
   vocab = "".join(sorted(set("".join(plays.values()))))
-  fine = [p for p in plays if p in FINETUNE_PLAYS]
+  chosen = FINETUNE_PLAYS if finetune_plays is None else tuple(finetune_plays)
+  unknown = sorted(set(chosen) - set(FINETUNE_PLAYS))
+  if unknown or not chosen:
+    raise ValueError(f"finetune_plays must be a non-empty subset of "
+                     f"FINETUNE_PLAYS, got {list(chosen)}.")
+  fine = [p for p in plays if p in chosen]
   pre = [p for p in plays if p not in FINETUNE_PLAYS]
   return CharCorpus(plays, pre, vocab), CharCorpus(plays, fine, vocab)
 

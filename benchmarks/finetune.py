@@ -50,7 +50,7 @@ import argparse
 import inspect
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple, Optional
 
 import jax
@@ -78,10 +78,11 @@ def adamw(lr: float, steps: int, weight_decay: float = 0.01):
 
 
 def build_method(name: str, base, seed: int,
-                 hparams: Optional[dict[str, Any]] = None
-                 ) -> methods_lib.Method:
+                 hparams: Optional[dict[str, Any]] = None,
+                 total_steps: Optional[int] = None) -> methods_lib.Method:
   """``methods.build``, passing ``seed=`` to factories that take one (the
-  SL-SAM bandit's draws then differ by seed), unless given in ``hparams``."""
+  SL-SAM bandit's draws then differ by seed), unless given in ``hparams``,
+  and ``total_steps`` (the run's length) to the late-phase schedules."""
   hp = dict(hparams or {})
   factory = getattr(optax_sam, {"slsam_vit": "slsam"}.get(name, name), None)
   if "seed" not in hp and callable(factory):
@@ -91,7 +92,7 @@ def build_method(name: str, base, seed: int,
     except (TypeError, ValueError):
       pass
   try:
-    return methods_lib.build(name, base, **hp)
+    return methods_lib.build(name, base, total_steps=total_steps, **hp)
   except AttributeError as e:  # e.g. slsam_vit before optax_sam.slsam
     raise ValueError(f"method {name!r} needs {e}") from e
 
@@ -133,9 +134,14 @@ class Fit(NamedTuple):
 
 
 def fit(method: methods_lib.Method, loss_fn, params,
-        batches: Iterable[tuple[np.ndarray, ...]]) -> Fit:
+        batches: Iterable[tuple[np.ndarray, ...]], *,
+        every: int = 0,
+        on_eval: Optional[Callable[[int, Any], None]] = None) -> Fit:
   """Trains ``params`` with ``method`` on ``batches`` (tuples of arrays, the
-  loss function's arguments after ``params``)."""
+  loss function's arguments after ``params``).
+
+  With ``every > 0``, ``on_eval(steps_done, params)`` is called after every
+  ``every`` steps (an evaluation; its time is not training time)."""
   programs: list[Any] = []
 
   def jit(f):
@@ -173,6 +179,10 @@ def fit(method: methods_lib.Method, loss_fn, params,
     if tracked:
       sa = sharpness_state(state)
       active.append((sa.clean_active, sa.perturbed_active))
+    if every > 0 and on_eval is not None and clock.steps % every == 0:
+      clock.stop(params)
+      on_eval(clock.steps, params)
+      clock.start()
   clock.stop(params)
   if tracked:
     asc, desc = (float(jnp.mean(jnp.stack([a[i] for a in active])))

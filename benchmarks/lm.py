@@ -71,6 +71,18 @@ def main(argv=None) -> dict[str, Any]:
   parser.add_argument("--layers", type=int, default=4)
   parser.add_argument("--lr", type=float, default=3e-3)
   parser.add_argument("--finetune-lr", type=float, default=1e-3)
+  parser.add_argument(
+      "--finetune-plays", default="",
+      help="comma-separated plays to fine-tune on (default: every comedy "
+      "of data.FINETUNE_PLAYS); validation is their held-out 10%%")
+  parser.add_argument(
+      "--finetune-chars", type=int, default=0,
+      help="keep only the first N characters of the fine-tuning training "
+      "text (0: all), a set small enough for AdamW to overfit")
+  parser.add_argument(
+      "--eval-every", type=int, default=0,
+      help="also evaluate the validation loss every K fine-tuning steps "
+      "(records the curve and its minimum, what early stopping reaches)")
   parser.add_argument("--hparams", default="")
   parser.add_argument("--name", default="shakespeare_lm")
   parser.add_argument("--results-dir", default=None)
@@ -79,7 +91,10 @@ def main(argv=None) -> dict[str, Any]:
   provenance.record_start()
   plan = ft.runs_plan(args.methods, args.seeds)
   progress = ft.Progress(len(plan) + 1)
-  pre, fine = data_lib.shakespeare_corpora()
+  pre, fine = data_lib.shakespeare_corpora(
+      finetune_plays=[p for p in args.finetune_plays.split(",") if p] or None)
+  if args.finetune_chars:
+    fine.train = fine.train[:args.finetune_chars]
   model = _model(len(pre.vocab), args.d_model, args.layers, args.seq_len)
   loss_fn = _loss(model)
   params = model.init(jax.random.PRNGKey(0),
@@ -115,34 +130,49 @@ def main(argv=None) -> dict[str, Any]:
   for seed, name in plan:
     progress.start(f"seed {seed} {name}")
     m = ft.build_method(name, ft.adamw(args.finetune_lr, args.finetune_steps),
-                        seed, hparams.get(name))
+                        seed, hparams.get(name),
+                        total_steps=args.finetune_steps)
+    curve = []
     r = ft.fit(m, loss_fn, pre_params, windows(fine.train, seed + 1,
-                                               args.finetune_steps))
+                                               args.finetune_steps),
+               every=args.eval_every,
+               on_eval=lambda k, p: curve.append(
+                   (k, evaluate(loss_fn, p, fine.valid, args.seq_len))))
     val = evaluate(loss_fn, r.params, fine.valid, args.seq_len)
+    if not curve or curve[-1][0] != r.steps:
+      curve.append((r.steps, val))
     after = evaluate(loss_fn, r.params, pre.valid, args.seq_len)
     rec = {"method": name, "seed": seed, "hparams": m.hparams,
            "val_loss": val, "perplexity": float(np.exp(val)),
            "pretrain_val_loss_before": before,
            "pretrain_val_loss_after": after, "forgetting": after - before,
+           "val_curve": curve,
+           "best_val_loss": min(v for _, v in curve),
+           "best_step": min(curve, key=lambda kv: kv[1])[0],
            **ft.cost_figures(r),
            "grad_norm": train_lib.tree_norm(grad_fn(r.params, probe))}
     if hasattr(r.state, "recomputes"):
       rec["recompute_fraction"] = float(r.state.recomputes) / max(
           int(r.state.count), 1)
     runs.append(rec)
-    print(f"  val loss {val:.4f} (ppl {np.exp(val):.3f}), forgetting "
+    print(f"  val loss {val:.4f} (best {rec['best_val_loss']:.4f} at step "
+          f"{rec['best_step']}; ppl {np.exp(val):.3f}), forgetting "
           f"{after - before:+.4f}, active {ft._fmt(rec['active_ratio'])}, "  # pylint: disable=protected-access
           f"{rec['step_time_ms']:.1f} ms/step", flush=True)
 
   summary = ft.summarize(
-      runs, ["val_loss", "perplexity", "pretrain_val_loss_after",
+      runs, ["val_loss", "best_val_loss", "perplexity",
+             "pretrain_val_loss_after",
              "forgetting", "train_time_s", "step_time_ms", "clean_active",
              "perturbed_active", "active_ratio", "state_bytes",
              "memory.temp_size_in_bytes", "memory.argument_size_in_bytes",
              "memory.output_size_in_bytes", "grad_norm"],
-      paired=["val_loss", "forgetting"], ratios=["train_time_s"])
+      paired=["val_loss", "best_val_loss", "forgetting"],
+      ratios=["train_time_s"])
   ft.print_table(summary, [("val loss", "val_loss", ".4f"),
                            ("Δ vs base", "val_loss_minus_base", "+.4f"),
+                           ("best val", "best_val_loss", ".4f"),
+                           ("Δ best", "best_val_loss_minus_base", "+.4f"),
                            ("forgetting", "forgetting", "+.4f"),
                            ("active", "active_ratio", ".3f"),
                            ("ms/step", "step_time_ms", ".1f"),

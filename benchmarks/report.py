@@ -392,16 +392,23 @@ def _defaults_line(res: dict[str, Any]) -> list[str]:
 
 def lm_tables(name: str, res: dict[str, Any]) -> list[str]:
   st, pre = res["settings"], res["pretrain"]
+  plays = st.get("finetune_plays") or ""
+  corpus = (f"{plays.replace(',', ', ')}" if plays else "the comedies") + (
+      f" (the first {st['finetune_chars']:,} characters of its training "
+      "text)" if st.get("finetune_chars") else "")
   out = [f"### `{name}.json`", "", _provenance_line(res["provenance"]), "",
          f"Character-level Transformer LM (d_model {st['d_model']}, "
          f"{st['layers']} layers, context {st['seq_len']}, batch "
          f"{st['batch']}): pre-trained {pre['steps']} steps with AdamW on the "
          f"non-comedies (validation loss {pre['val_loss_pretrain_corpus']:.3f}"
          f"; {pre['val_loss_finetune_corpus']:.3f} on the comedies), then "
-         f"fine-tuned {st['finetune_steps']} steps on the comedies by each "
+         f"fine-tuned {st['finetune_steps']} steps on {corpus} by each "
          "method with AdamW (lr "
-         f"{st['finetune_lr']} cosine); validation on held-out comedy text, "
-         "mean ± std over seeds; \"sgd\" is AdamW alone.", ""]
+         f"{st['finetune_lr']} cosine); validation on its held-out text, "
+         "mean ± std over seeds; \"sgd\" is AdamW alone." + (
+             f" *best val*: the lowest validation loss of the evaluations "
+             f"every {st['eval_every']} steps and at the end (what early "
+             "stopping reaches)." if st.get("eval_every") else ""), ""]
   if not any("forgetting" in s for s in res["summary"].values()):
     out += ["| method | val loss (nats/char) | Δ vs AdamW (paired) | "
             "perplexity | train time/AdamW |", "|---|---|---|---|---|"]
@@ -416,12 +423,15 @@ def lm_tables(name: str, res: dict[str, Any]) -> list[str]:
           "fine-tuning minus the pre-trained model's "
           f"({pre['val_loss_pretrain_corpus']:.4f}); Δ columns are paired "
           "differences to AdamW on the same seed.", "",
-          "| method | val loss (nats/char) | Δ vs AdamW | perplexity | "
-          "forgetting | Δ forgetting vs AdamW |",
-          "|---|---|---|---|---|---|"]
+          "| method | val loss (nats/char) | Δ vs AdamW | best val | "
+          "Δ best vs AdamW | perplexity | forgetting | "
+          "Δ forgetting vs AdamW |",
+          "|---|---|---|---|---|---|---|---|"]
   for m, s in res["summary"].items():
     out.append(f"| {m} | {_pm(s, 'val_loss', '.4f')} | "
                f"{_pm(s, 'val_loss_minus_base', '+.4f')} | "
+               f"{_pm(s, 'best_val_loss', '.4f')} | "
+               f"{_pm(s, 'best_val_loss_minus_base', '+.4f')} | "
                f"{_fmt(s.get('perplexity'), '.3f')} | "
                f"{_pm(s, 'forgetting', '+.4f')} | "
                f"{_pm(s, 'forgetting_minus_base', '+.4f')} |")

