@@ -566,17 +566,27 @@ def pareto_points(cost: dict[str, Any], summary: dict[str, Any],
   return points, missing
 
 
-def _pareto_axes(ax, points, missing, what: str) -> None:
-  """One Pareto panel: gain over SGD (percentage points) vs time/SGD."""
+_X_INTERLEAVED = ("wall time per step / SGD (interleaved medians; "
+                  "amortized over programs)")
+
+
+def _pareto_axes(ax, points, missing, what: str, *, scale: float = 100.0,
+                 unit: str = "percentage points",
+                 xlabel: str = _X_INTERLEAVED, base: str = "SGD",
+                 ylabel: Optional[str] = None) -> None:
+  """One Pareto panel: gain over the base (``scale`` x ``unit``) vs time.
+
+  ``points``: ``{method: (time/base, gain, gain std)}``, gains positive
+  when better than the base."""
   colors = {"sgd": "black", "sam": "tab:red"}
   cycle = [c for c in ("tab:blue", "tab:orange", "tab:green", "tab:purple",
                        "tab:brown", "tab:pink", "tab:olive", "tab:cyan",
                        "tab:gray")]
   sam = points.get("sam")
   xs = [p[0] for p in points.values()] + [1.0, BAND_TIME]
-  ys = [100 * p[1] for p in points.values()] + [0.0]
+  ys = [scale * p[1] for p in points.values()] + [0.0]
   if sam is not None:
-    target = 100 * BAND_GAIN * sam[1]
+    target = scale * BAND_GAIN * sam[1]
     ys.append(target)
     if sam[1] > 0:
       ax.fill_between([min(xs) - 1, BAND_TIME], target, max(ys) + 100,
@@ -585,11 +595,11 @@ def _pareto_axes(ax, points, missing, what: str) -> None:
     ax.axhline(target, color="tab:red", ls=":", lw=1.2,
                label=f"{BAND_GAIN:.0%} of SAM's gain (same run)")
   ax.axvline(BAND_TIME, color="tab:green", ls="--", lw=1.2,
-             label=f"{BAND_TIME}x SGD time")
+             label=f"{BAND_TIME}x {base} time")
   ax.axhline(0.0, color="0.6", lw=0.8)
   pad_x = 0.05 * (max(xs) - min(xs) or 1.0)
   span = (max(ys) - min(ys)) or 1.0
-  errs = [100 * p[2] for p in points.values()] or [0.0]
+  errs = [scale * p[2] for p in points.values()] or [0.0]
   xlim = (min(xs) - pad_x, max(xs) + 4 * pad_x)
   ylim = (min(ys) - max(errs) - 0.08 * span,
           max(ys) + max(errs) + 0.12 * span)
@@ -610,8 +620,8 @@ def _pareto_axes(ax, points, missing, what: str) -> None:
       colors[m] = cycle[i % len(cycle)]
       marker = markers[(i // len(cycle)) % len(markers)]
       i += 1
-    ax.errorbar([x], [100 * y], yerr=[100 * e], fmt=marker, ms=6, capsize=3,
-                color=colors[m], label=m, zorder=3)
+    ax.errorbar([x], [scale * y], yerr=[scale * e], fmt=marker, ms=6,
+                capsize=3, color=colors[m], label=m, zorder=3)
   if max(xs) / max(min(xs), 1e-9) > 4:  # e.g. 1-SAM at 7x: keep 1-2x legible
     from matplotlib import ticker  # pylint: disable=g-import-not-at-top
     ax.set_xscale("log")
@@ -630,7 +640,7 @@ def _pareto_axes(ax, points, missing, what: str) -> None:
   for m, (x, y, e) in sorted(points.items(), key=lambda kv: kv[1][0]):
     if m not in labelled:
       continue
-    px, py = norm(x, 100 * y)
+    px, py = norm(x, scale * y)
     for dx, dy, ha in offsets:
       # Offsets in points to axes fractions (a ~6.4x4.8 inch panel).
       lx, ly = px + 0.0022 * dx, py + 0.004 * dy
@@ -641,20 +651,21 @@ def _pareto_axes(ax, points, missing, what: str) -> None:
              for qx, qy, qw in placed):
         break
     placed.append((lx, ly, w))
-    ax.annotate(m, (x, 100 * y), textcoords="offset points", xytext=(dx, dy),
-                ha=ha, fontsize=8, color=colors[m],
+    ax.annotate(m, (x, scale * y), textcoords="offset points",
+                xytext=(dx, dy), ha=ha, fontsize=8, color=colors[m],
                 fontweight="bold" if m in ("sgd", "sam") else "normal")
-  ax.set_xlabel("wall time per step / SGD (interleaved medians; "
-                "amortized over programs)", fontsize=9)
-  ax.set_ylabel(f"{what} − SGD's, paired over seeds\n"
-                "(percentage points, mean ± std)", fontsize=9)
+  ax.set_xlabel(xlabel, fontsize=9)
+  label = ylabel if ylabel is not None else f"{what} − {base}'s"
+  ax.set_ylabel(f"{label}, paired over seeds\n({unit}, mean ± std)",
+                fontsize=9)
   ax.grid(alpha=0.3)
   notes = []
   if sam is None:
     notes.append("no SAM in this run: no 80%-of-SAM line")
   else:
     notes.append(f"{BAND_GAIN:.0%} of SAM's gain: "
-                 f"{100 * BAND_GAIN * sam[1]:+.2f} pp" + (
+                 f"{scale * BAND_GAIN * sam[1]:+.{2 if scale >= 10 else 4}f} "
+                 + ("pp" if unit == "percentage points" else unit) + (
                      "" if sam[1] > 0 else
                      " (SAM gains nothing: no acceptance band)"))
   if len(labelled) < len(points):
@@ -710,6 +721,64 @@ def plot_pareto(name: str, res: dict[str, Any], out_dir: str
     plt.close(fig)
     paths[task] = path
   return paths
+
+
+def lm_pareto_points(summary: dict[str, Any], key: str
+                     ) -> tuple[dict[str, tuple[float, float, float]],
+                                list[str]]:
+  """A fine-tuning run's ``{method: (time/base, gain, gain std)}`` and the
+  methods left out: x the training time over the base's on the same seed
+  (``train_time_ratio``), y the paired *reduction* ``-summary[m][key]`` of
+  a lower-is-better figure (``val_loss_minus_base``,
+  ``forgetting_minus_base``), so that, as in :func:`pareto_points`, up is
+  better."""
+  points, missing = {}, []
+  for m, s in summary.items():
+    x, y = s.get("train_time_ratio"), s.get(key)
+    if x is None or y is None:
+      missing.append(m)
+      continue
+    points[m] = (float(x), -float(y), float(s.get(key + "_std") or 0.0))
+  return points, missing
+
+
+def plot_lm_pareto(name: str, res: dict[str, Any], out_dir: str
+                   ) -> Optional[str]:
+  """A fine-tuning run's Pareto chart: each method's paired reduction of
+  the validation loss (and of forgetting) against AdamW alone, against its
+  training time relative to AdamW's on the same seed, with the acceptance
+  band. None without SAM in the run or without matplotlib.
+
+  Returns:
+    The path of ``<name>_pareto.png`` written to ``out_dir``.
+  """
+  summary = res["summary"]
+  plt = _pyplot()
+  if plt is None or "sam" not in summary:
+    return None
+  panels = [("val_loss_minus_base", "validation loss reduction")]
+  if any(s.get("forgetting_minus_base") is not None
+         for s in summary.values()):
+    panels.append(("forgetting_minus_base", "forgetting reduction"))
+  fig, axes = plt.subplots(1, len(panels), figsize=(6.4 * len(panels), 4.8),
+                           squeeze=False)
+  for ax, (key, what) in zip(axes[0], panels):
+    points, missing = lm_pareto_points(summary, key)
+    _pareto_axes(ax, points, missing, what, scale=1.0, unit="nats/char",
+                 xlabel="training time / AdamW's (same seed)",
+                 base="AdamW", ylabel=f"{what} vs AdamW")
+  prov = res.get("provenance", {})
+  fig.suptitle(f"{name}.json\none run: {prov.get('date', '?')}, commit "
+               f"{str(prov.get('git_commit'))[:12]}, seeds "
+               f"{prov.get('seeds')}; \"sgd\" is AdamW alone", fontsize=10)
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
+             fontsize=8, frameon=False)
+  fig.tight_layout()
+  path = os.path.join(out_dir, f"{name}_pareto.png")
+  fig.savefig(path, dpi=100, bbox_inches="tight")
+  plt.close(fig)
+  return path
 
 
 def _sam_time_range(results: dict[str, dict[str, Any]]) -> Optional[str]:
@@ -776,6 +845,10 @@ def build(results_dir: str = RESULTS, *, include_tiny: bool = False,
       md += finetune_vision_tables(name, res)
     elif "pretrain" in res:
       md += lm_tables(name, res)
+      chart = plot_lm_pareto(name, res, results_dir)
+      if chart is not None:
+        images.append(chart)
+        md += [f"![{name}]({os.path.relpath(chart, results_dir)})", ""]
     elif name.startswith("selection"):
       md += selection_tables(name, res)
     elif name.startswith("executor_cost"):

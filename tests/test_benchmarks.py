@@ -172,6 +172,30 @@ def test_report_pareto_and_columns_on_synthetic_results(tmp_path):
   assert "(syn_digits_pareto.png)" in open(path).read()
 
 
+def test_lm_pareto_points_and_chart(tmp_path):
+  summary = {
+      "sgd": {"val_loss_minus_base": 0.0, "val_loss_minus_base_std": 0.0,
+              "train_time_ratio": 1.0},
+      "sam": {"val_loss_minus_base": -0.013, "val_loss_minus_base_std": 0.001,
+              "train_time_ratio": 1.8},
+      "arsam": {"val_loss_minus_base": -0.01, "train_time_ratio": 1.2},
+      "slsam": {"val_loss_minus_base": 0.004}}  # no time: left out
+  points, missing = report.lm_pareto_points(summary, "val_loss_minus_base")
+  # Lower loss is better: the plotted gain is minus the paired difference.
+  assert points["sam"] == (1.8, 0.013, 0.001)
+  assert points["arsam"] == (1.2, 0.01, 0.0)
+  assert missing == ["slsam"]
+  res = {"provenance": {"seeds": [0]}, "summary": summary}
+  path = report.plot_lm_pareto("lm_x", res, str(tmp_path))
+  if path is not None:  # None without matplotlib
+    assert path.endswith("lm_x_pareto.png")
+    with open(path, "rb") as f:
+      assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+  # Without SAM in the run there is no band to draw: no chart.
+  assert report.plot_lm_pareto(
+      "lm_y", {"summary": {"sgd": summary["sgd"]}}, str(tmp_path)) is None
+
+
 def test_progress_eta_from_post_compile_step_times():
   from benchmarks import progress  # pylint: disable=g-import-not-at-top
   now = [0.0]
