@@ -675,6 +675,17 @@ def _pareto_axes(ax, points, missing, what: str, *, scale: float = 100.0,
   ax.set_title("\n".join([what] + notes), fontsize=9)
 
 
+def _save_panels(plt, fig, axes, path: str) -> str:
+  """One legend (the first panel's) to the right, then the PNG at ``path``."""
+  handles, labels = axes[0][0].get_legend_handles_labels()
+  fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
+             fontsize=8, frameon=False)
+  fig.tight_layout()
+  fig.savefig(path, dpi=100, bbox_inches="tight")
+  plt.close(fig)
+  return path
+
+
 def plot_pareto(name: str, res: dict[str, Any], out_dir: str
                 ) -> dict[str, str]:
   """Per task: each method's paired accuracy gain over SGD against its
@@ -712,14 +723,8 @@ def plot_pareto(name: str, res: dict[str, Any], out_dir: str
                  + (f"; {hp}" if hp else "")
                  + (f"\ntime/SGD re-measured from its runs on {recost}"
                     if recost else ""), fontsize=10)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
-               fontsize=8, frameon=False)
-    fig.tight_layout()
-    path = os.path.join(out_dir, f"{name}_{task}_pareto.png")
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    paths[task] = path
+    paths[task] = _save_panels(plt, fig, axes, os.path.join(
+        out_dir, f"{name}_{task}_pareto.png"))
   return paths
 
 
@@ -771,14 +776,8 @@ def plot_lm_pareto(name: str, res: dict[str, Any], out_dir: str
   fig.suptitle(f"{name}.json\none run: {prov.get('date', '?')}, commit "
                f"{str(prov.get('git_commit'))[:12]}, seeds "
                f"{prov.get('seeds')}; \"sgd\" is AdamW alone", fontsize=10)
-  handles, labels = axes[0][0].get_legend_handles_labels()
-  fig.legend(handles, labels, loc="center left", bbox_to_anchor=(1.0, 0.5),
-             fontsize=8, frameon=False)
-  fig.tight_layout()
-  path = os.path.join(out_dir, f"{name}_pareto.png")
-  fig.savefig(path, dpi=100, bbox_inches="tight")
-  plt.close(fig)
-  return path
+  return _save_panels(plt, fig, axes,
+                      os.path.join(out_dir, f"{name}_pareto.png"))
 
 
 def _sam_time_range(results: dict[str, dict[str, Any]]) -> Optional[str]:
