@@ -142,9 +142,12 @@ def main(argv=None) -> dict[str, Any]:
                every=args.eval_every,
                on_eval=lambda k, p: curve.append(
                    (k, evaluate(loss_fn, p, fine.valid, args.seq_len))))
-    val = evaluate(loss_fn, r.params, fine.valid, args.seq_len)
+    # The last evaluation of the curve is the final one when --eval-every
+    # divides the step count; else evaluate the final parameters once here.
     if not curve or curve[-1][0] != r.steps:
-      curve.append((r.steps, val))
+      curve.append((r.steps, evaluate(loss_fn, r.params, fine.valid,
+                                      args.seq_len)))
+    val = curve[-1][1]
     after = evaluate(loss_fn, r.params, pre.valid, args.seq_len)
     rec = {"method": name, "seed": seed, "hparams": m.hparams,
            "val_loss": val, "perplexity": float(np.exp(val)),

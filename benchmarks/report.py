@@ -393,8 +393,8 @@ def _defaults_line(res: dict[str, Any]) -> list[str]:
 def lm_tables(name: str, res: dict[str, Any]) -> list[str]:
   st, pre = res["settings"], res["pretrain"]
   plays = st.get("finetune_plays") or ""
-  corpus = (f"{plays.replace(',', ', ')}" if plays else "the comedies") + (
-      f" (the first {st['finetune_chars']:,} characters of its training "
+  corpus = (plays.replace(",", ", ") if plays else "the comedies") + (
+      f" (the first {st['finetune_chars']:,} characters of the training "
       "text)" if st.get("finetune_chars") else "")
   out = [f"### `{name}.json`", "", _provenance_line(res["provenance"]), "",
          f"Character-level Transformer LM (d_model {st['d_model']}, "
